@@ -1,0 +1,3 @@
+"""imgsvc: a metered HTTP image service (background removal, upscaling, inpainting)."""
+
+__version__ = "0.1.0"
