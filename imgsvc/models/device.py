@@ -47,5 +47,6 @@ def select_device(requested: DeviceName) -> DeviceSpec:
         )
     if not has_cuda:
         return DeviceSpec("cpu", None)
-    half = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    return DeviceSpec("cuda", half)
+    if torch.cuda.is_bf16_supported():
+        return DeviceSpec("cuda", "bfloat16")
+    return DeviceSpec("cuda", "float16")

@@ -1,0 +1,5 @@
+import sys
+
+from imgsvc.cli import main
+
+sys.exit(main())

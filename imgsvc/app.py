@@ -1,0 +1,141 @@
+"""create_app(settings): routers, lifespan (database + model loading), errors as JSON."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from imgsvc import __version__
+from imgsvc.billing.db import Database
+from imgsvc.config import Settings
+from imgsvc.errors import ServiceError
+from imgsvc.models.device import select_device
+from imgsvc.models.registry import Registry
+from imgsvc.routes import account, health, inpaint, remove_background, upscale
+
+log = logging.getLogger("imgsvc")
+_SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_HTTP_CODES = {
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+}
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the application. Raises DeviceUnavailable if IMGSVC_DEVICE=cuda has no GPU."""
+    settings = settings or Settings()
+    device = select_device(settings.device)
+    registry = Registry(
+        settings.weights_dir,
+        device,
+        requested_device=settings.device,
+        upscale_tile=settings.upscale_tile,
+        concurrency={
+            "remove-background": settings.concurrency_remove_background,
+            "upscale": settings.concurrency_upscale,
+            "inpaint": settings.concurrency_inpaint,
+        },
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        db = Database(settings.database_url)
+        await run_in_threadpool(db.create_schema)
+        app.state.db = db
+        loader = asyncio.create_task(_preload(app)) if settings.preload_models else None
+        if loader is None:
+            app.state.models_ready = True
+        try:
+            yield
+        finally:
+            if loader is not None:
+                loader.cancel()
+            db.dispose()
+
+    app = FastAPI(
+        title="imgsvc",
+        version=__version__,
+        summary="Background removal, upscaling and inpainting, metered per API key.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.registry = registry
+    app.state.models_ready = False
+    app.state.load_error = None
+    for module in (remove_background, upscale, inpaint, account, health):
+        app.include_router(module.router)
+    _install_request_id(app)
+    _install_error_handlers(app)
+    return app
+
+
+async def _preload(app: FastAPI) -> None:
+    try:
+        await run_in_threadpool(app.state.registry.preload)
+        app.state.models_ready = True
+        log.info("models loaded")
+    except ServiceError as exc:
+        app.state.load_error = exc.message
+        log.error("model loading failed: %s", exc.message)
+    except Exception as exc:
+        app.state.load_error = f"model loading failed: {type(exc).__name__}"
+        log.exception("model loading failed")
+
+
+def _install_request_id(app: FastAPI) -> None:
+    @app.middleware("http")
+    async def request_id(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        incoming = request.headers.get("x-request-id", "")
+        rid = incoming if _SAFE_REQUEST_ID.match(incoming) else f"req_{secrets.token_hex(12)}"
+        request.state.request_id = rid
+        response = await call_next(request)
+        response.headers["X-Request-Id"] = rid
+        return response
+
+
+def _error(request: Request, status: int, code: str, message: str) -> JSONResponse:
+    rid = getattr(request.state, "request_id", "")
+    body = {"error": {"code": code, "message": message, "request_id": rid}}
+    return JSONResponse(body, status_code=status, headers={"X-Request-Id": rid})
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServiceError)
+    async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        response = _error(request, exc.status, exc.code, exc.message)
+        response.headers.update(exc.headers)
+        if exc.status >= 500:
+            log.warning("%s %s: %s", exc.status, exc.code, exc.message)
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "query"))
+            parts.append(f"{where}: {err.get('msg', 'invalid')}")
+        return _error(request, 422, "invalid_request", "; ".join(parts) or "invalid request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
+        return _error(request, exc.status_code, code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error in %s %s", request.method, request.url.path)
+        return _error(request, 500, "internal_error", "internal error; quote the request_id")

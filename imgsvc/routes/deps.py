@@ -1,0 +1,61 @@
+"""Annotated dependencies shared by the routers: settings, database, engines, the caller's key."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Header, Request
+from starlette.concurrency import run_in_threadpool
+
+from imgsvc.billing import keys
+from imgsvc.billing.db import Database
+from imgsvc.billing.keys import KeyInfo
+from imgsvc.config import Settings
+from imgsvc.errors import Unauthorized
+from imgsvc.images import Limits
+from imgsvc.models.registry import Registry
+
+
+def _settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def _db(request: Request) -> Database:
+    db: Database = request.app.state.db
+    return db
+
+
+def _registry(request: Request) -> Registry:
+    registry: Registry = request.app.state.registry
+    return registry
+
+
+SettingsDep = Annotated[Settings, Depends(_settings)]
+DatabaseDep = Annotated[Database, Depends(_db)]
+RegistryDep = Annotated[Registry, Depends(_registry)]
+
+
+def _limits(settings: SettingsDep) -> Limits:
+    return Limits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_input_pixels)
+
+
+LimitsDep = Annotated[Limits, Depends(_limits)]
+
+
+async def _api_key(
+    db: DatabaseDep,
+    authorization: Annotated[str | None, Header(description="`Bearer <key>`")] = None,
+    x_api_key: Annotated[str | None, Header(description="the API key")] = None,
+) -> KeyInfo:
+    secret = x_api_key
+    if authorization:
+        scheme, _, value = authorization.partition(" ")
+        if scheme.lower() == "bearer":
+            secret = value.strip()
+    if not secret:
+        raise Unauthorized("send your key as `Authorization: Bearer <key>` or `X-API-Key: <key>`")
+    return await run_in_threadpool(keys.authenticate, db, secret)
+
+
+ApiKeyDep = Annotated[KeyInfo, Depends(_api_key)]

@@ -1,0 +1,107 @@
+"""Test helpers: a real server subprocess, keys made by the CLI, test photos."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).resolve().parent / "data"
+
+
+def linked_weights(root: Path, repo_weights: Path, pipeline: Path | None) -> Path:
+    """A weights dir with the pulled weights linked in and, optionally, a diffusers pipeline."""
+    root.mkdir(parents=True, exist_ok=True)
+    for sub in ("rembg", "upscale"):
+        (root / sub).symlink_to(repo_weights / sub, target_is_directory=True)
+    if pipeline is not None:
+        (root / "diffusers").mkdir()
+        (root / "diffusers" / pipeline.name).symlink_to(pipeline, target_is_directory=True)
+    return root
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Server:
+    url: str
+    env: dict[str, str]
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def cli(self, *args: str) -> str:
+        """Run `imgsvc …` against this server's database; return stdout."""
+        done = subprocess.run(
+            [sys.executable, "-m", "imgsvc", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+        return done.stdout
+
+    def new_key(self, credits: int, name: str = "test") -> str:
+        return self.cli("keys", "create", "--name", name, "--credits", str(credits)).splitlines()[
+            -1
+        ]
+
+    def client(self, key: str | None = None) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=300)
+
+
+def start_server(tmp: Path, weights: Path, **env: str) -> Server:
+    port = _free_port()
+    full_env = {
+        **os.environ,
+        "IMGSVC_DATABASE_URL": f"sqlite:///{tmp / 'imgsvc.db'}",
+        "IMGSVC_WEIGHTS_DIR": str(weights),
+        "IMGSVC_DEVICE": "cpu",
+        "IMGSVC_TORCH_THREADS": "1",
+        **env,
+    }
+    log = tmp / "server.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "imgsvc", "serve", "--port", str(port)],
+            env=full_env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    server = Server(f"http://127.0.0.1:{port}", full_env, proc, log)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited {proc.returncode}:\n{log.read_text()}")
+        try:
+            if httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError(f"server not ready in time:\n{log.read_text()}")
+
+
+def stop_server(server: Server) -> None:
+    server.proc.terminate()
+    try:
+        server.proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.proc.kill()
+
+
+def photo_bytes(name: str = "car.jpg") -> bytes:
+    return (DATA / name).read_bytes()
