@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Request, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
@@ -36,7 +36,7 @@ async def upscale(
     limits: LimitsDep,
     settings: SettingsDep,
     image: Annotated[UploadFile, File(description="JPEG, PNG, WebP, GIF, TIFF or BMP")],
-    scale: Annotated[Literal[2, 3, 4], Form(description="output size = input size x scale")] = 4,
+    scale: Annotated[int, Form(ge=2, le=4, description="2, 3 or 4: output = input x scale")] = 4,
     model: Annotated[str, Form(description="see GET /v1/models")] = DEFAULT_UPSCALE_MODEL,
     format: Annotated[OutputFormat, Form()] = "png",
     quality: Annotated[int, Form(ge=1, le=100, description="jpg/webp quality")] = 90,

@@ -1,0 +1,35 @@
+# Quick start:  make serve   (set up .venv, pull weights, start on 127.0.0.1:8000)
+#               make test    (same set-up, then lint, type-check and the whole test suite)
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# pymatting (imported by rembg) compiles numba kernels on first import: cache them once.
+export NUMBA_CACHE_DIR := $(CURDIR)/$(VENV)/numba-cache
+export HF_HUB_OFFLINE := 1
+
+.PHONY: setup weights serve test lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "imgsvc needs Python >= 3.11 (set PYTHON=python3.11)")'
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check -q -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+weights: setup
+	$(PY) -m imgsvc weights pull
+
+serve: weights
+	$(PY) -m imgsvc serve
+
+lint: setup
+	$(VENV)/bin/ruff check imgsvc tests bench
+	$(VENV)/bin/ruff format --check imgsvc tests bench
+	$(VENV)/bin/mypy
+
+test: weights lint
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,55 @@
+"""A call whose engine fails is answered with a JSON 500 and charged nothing."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+from sqlalchemy import select
+
+from imgsvc.app import create_app
+from imgsvc.billing import keys, metering
+from imgsvc.billing.schema import LedgerEntry
+from imgsvc.config import Settings
+
+
+class ExplodingUpscaler:
+    name = "exploding"
+    scale = 4
+
+    def upscale(self, img: Image.Image, size: tuple[int, int]) -> Image.Image:
+        raise RuntimeError("CUDA error: device-side assert (secret path /srv/x)")
+
+
+def test_engine_failure_releases_credits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = Settings(
+        database_url=f"sqlite:///{tmp_path / 'db.sqlite'}",
+        weights_dir=tmp_path / "weights",
+        device="cpu",
+        preload_models=False,
+    )
+    app = create_app(settings)
+    monkeypatch.setattr(app.state.registry, "upscaler", lambda name: ExplodingUpscaler())
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), "blue").save(buf, "PNG")
+    with TestClient(app, raise_server_exceptions=False) as client:
+        db = app.state.db
+        info, secret = keys.create_key(db, name="f", credits=5)
+        resp = client.post(
+            "/v1/upscale",
+            files={"image": ("a.png", buf.getvalue(), "image/png")},
+            headers={"X-API-Key": secret},
+        )
+        assert resp.status_code == 500
+        error = resp.json()["error"]
+        assert error["code"] == "internal_error"
+        assert "secret" not in error["message"] and "CUDA" not in error["message"]
+        assert keys.get_key(db, info.id).credits == 5
+        assert metering.list_usage(db, key_id=info.id) == []
+        with db.transaction() as s:
+            kinds = [e.kind for e in s.scalars(select(LedgerEntry).order_by(LedgerEntry.id))]
+        assert kinds == ["grant", "hold", "release"]
+        assert metering.ledger_mismatches(db) == []
