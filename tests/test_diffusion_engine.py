@@ -1,0 +1,178 @@
+"""DiffusionInpaintEngine on a tiny random Stable-Diffusion inpainting pipeline (CPU, offline)."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imgsvc.errors import InvalidInput, ModelUnavailable
+from imgsvc.models.device import DeviceSpec
+from imgsvc.models.diffusion import DiffusionInpaintEngine, find_pipelines, working_size
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+from imgsvc.testing.tiny_diffusion import build_tiny_inpaint_pipeline  # noqa: E402
+
+CPU = DeviceSpec("cpu", None)
+W, H = 96, 72
+BOX = (24, 18, 72, 54)  # left, top, right, bottom of the repainted rectangle
+INPAINT_ARGS: dict[str, Any] = {
+    "prompt": "a red apple on the table",
+    "negative_prompt": "blurry",
+    "steps": 2,
+    "guidance_scale": 7.5,
+    "strength": 1.0,
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread_no_network() -> Iterator[None]:
+    """Tiny models run faster on one thread; any network use (DNS lookup, connect) is an error.
+
+    Attempts are refused like an unreachable network would refuse them and are recorded, because
+    the Hugging Face libraries catch connection errors; the check runs at module teardown.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    real_connect = socket.socket.connect
+    attempts: list[Any] = []
+
+    def refuse_connect(self: socket.socket, address: Any) -> None:
+        if self.family in (socket.AF_INET, socket.AF_INET6):
+            attempts.append(address)
+            raise OSError(f"network disabled in tests: {address!r}")
+        real_connect(self, address)
+
+    def refuse_getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        attempts.append(host)
+        raise socket.gaierror(f"network disabled in tests: {host!r}")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(socket.socket, "connect", refuse_connect)
+        patch.setattr(socket, "getaddrinfo", refuse_getaddrinfo)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
+    assert attempts == [], f"network access attempted: {attempts!r}"
+
+
+@pytest.fixture(scope="module")
+def weights_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("weights")
+    build_tiny_inpaint_pipeline(root / "diffusers" / "tiny-sd-inpaint", seed=0)
+    (root / "diffusers" / "not-a-pipeline").mkdir()  # no model_index.json: ignored
+    return root
+
+
+@pytest.fixture(scope="module")
+def engine(weights_dir: Path) -> DiffusionInpaintEngine:
+    return DiffusionInpaintEngine(weights_dir / "diffusers" / "tiny-sd-inpaint", CPU)
+
+
+def _image() -> Image.Image:
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 256, size=(H, W, 3), dtype=np.uint8)
+    return Image.fromarray(pixels, mode="RGB")
+
+
+def _mask() -> Image.Image:
+    mask = Image.new("L", (W, H), 0)
+    mask.paste(255, BOX)
+    return mask
+
+
+def test_find_pipelines(weights_dir: Path, tmp_path: Path) -> None:
+    found = find_pipelines(weights_dir)
+    assert found == {"tiny-sd-inpaint": weights_dir / "diffusers" / "tiny-sd-inpaint"}
+    assert find_pipelines(tmp_path) == {}
+
+
+def test_engine_loads(engine: DiffusionInpaintEngine) -> None:
+    assert engine.name == "tiny-sd-inpaint"
+    assert engine.pipeline_class == "StableDiffusionInpaintPipeline"
+    assert engine.native_size == 64  # unet sample_size 32 * vae_scale_factor 2
+
+
+def test_inpaint_keeps_outside_and_changes_inside(engine: DiffusionInpaintEngine) -> None:
+    image, mask = _image(), _mask()
+    out = engine.inpaint(image, mask, seed=0, **INPAINT_ARGS)
+    assert out.mode == "RGB"
+    assert out.size == (W, H)
+    src, dst = np.asarray(image), np.asarray(out)
+    outside = np.asarray(mask) == 0
+    assert np.array_equal(src[outside], dst[outside])
+    left, top, right, bottom = BOX
+    assert not np.array_equal(src[top:bottom, left:right], dst[top:bottom, left:right])
+
+
+def test_same_seed_same_bytes_other_seed_differs(engine: DiffusionInpaintEngine) -> None:
+    image, mask = _image(), _mask()
+    first = engine.inpaint(image, mask, seed=42, **INPAINT_ARGS).tobytes()
+    again = engine.inpaint(image, mask, seed=42, **INPAINT_ARGS).tobytes()
+    other = engine.inpaint(image, mask, seed=43, **INPAINT_ARGS).tobytes()
+    assert first == again
+    assert first != other
+
+
+def test_concurrent_calls_are_serialised(engine: DiffusionInpaintEngine) -> None:
+    image, mask = _image(), _mask()
+    expected = [engine.inpaint(image, mask, seed=s, **INPAINT_ARGS).tobytes() for s in (1, 2, 3)]
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        futures = [
+            pool.submit(engine.inpaint, image, mask, seed=s, **INPAINT_ARGS) for s in (1, 2, 3)
+        ]
+        got = [f.result().tobytes() for f in futures]
+    assert got == expected
+
+
+def test_empty_mask_returns_input(engine: DiffusionInpaintEngine) -> None:
+    image = _image()
+    out = engine.inpaint(image, Image.new("L", (W, H), 0), seed=0, **INPAINT_ARGS)
+    assert out.tobytes() == image.tobytes()
+
+
+def test_mask_size_mismatch_is_invalid_input(engine: DiffusionInpaintEngine) -> None:
+    with pytest.raises(InvalidInput):
+        engine.inpaint(_image(), Image.new("L", (W + 8, H), 255), seed=0, **INPAINT_ARGS)
+
+
+def test_too_few_effective_steps_is_invalid_input(engine: DiffusionInpaintEngine) -> None:
+    args = {**INPAINT_ARGS, "steps": 2, "strength": 0.3}
+    with pytest.raises(InvalidInput):
+        engine.inpaint(_image(), _mask(), seed=0, **args)
+
+
+def test_working_size() -> None:
+    assert working_size(96, 72, 64) == (64, 48)
+    assert working_size(1024, 768, 512) == (512, 384)
+    assert working_size(100, 60, 512) == (104, 64)  # not scaled, only rounded to 8
+    assert working_size(3, 700, 512) == (8, 512)
+
+
+def test_folder_without_pipeline_is_unavailable(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ModelUnavailable, match="empty"):
+        DiffusionInpaintEngine(empty, CPU)
+    with pytest.raises(ModelUnavailable, match="missing"):
+        DiffusionInpaintEngine(tmp_path / "missing", CPU)
+
+
+def test_folder_without_weights_is_unavailable(weights_dir: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "no-weights"
+    shutil.copytree(weights_dir / "diffusers" / "tiny-sd-inpaint", broken)
+    for weights in broken.rglob("*.safetensors"):
+        weights.unlink()
+    with pytest.raises(ModelUnavailable, match="no-weights"):
+        DiffusionInpaintEngine(broken, CPU)
