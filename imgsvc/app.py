@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from imgsvc import __version__
 from imgsvc.billing.db import Database
+from imgsvc.billing.pricing import load_prices
 from imgsvc.config import Settings
 from imgsvc.errors import ServiceError
 from imgsvc.models.device import select_device
@@ -71,6 +72,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.prices = load_prices(settings.prices_file)
     app.state.registry = registry
     app.state.models_ready = False
     app.state.load_error = None

@@ -25,6 +25,7 @@ class Settings(BaseSettings):
     admin_token: SecretStr | None = Field(None, description="bearer token for /v1/admin")
     redis_url: str | None = None
 
+    prices_file: Path | None = Field(None, description="price table TOML (default: shipped)")
     max_upload_bytes: int = Field(25 * 1024 * 1024, description="largest accepted upload")
     max_input_pixels: int = Field(40_000_000, description="largest accepted decoded image")
     max_output_pixels: int = Field(

@@ -72,14 +72,14 @@ def test_revoked_key_refused(server: Server) -> None:
 def test_remove_background_matches_rembg(
     server: Server, repo_weights: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    key = server.new_key(10)
+    key = server.new_key(100)
     data = photo_bytes("car.jpg")
     with server.client(key) as c:
         resp = c.post("/v1/remove-background", files={"image": ("car.jpg", data, "image/jpeg")})
     assert resp.status_code == 200, resp.text
     assert resp.headers["content-type"] == "image/png"
-    assert resp.headers["X-Credits-Charged"] == "1"
-    assert resp.headers["X-Credits-Remaining"] == "9"
+    assert resp.headers["X-Credits-Charged"] == "10"
+    assert resp.headers["X-Credits-Remaining"] == "90"
     assert resp.headers["X-Model"] == "u2netp"
     out = Image.open(io.BytesIO(resp.content))
     assert out.mode == "RGBA"
@@ -98,7 +98,7 @@ def test_remove_background_matches_rembg(
 
 
 def test_output_formats(server: Server) -> None:
-    key = server.new_key(10)
+    key = server.new_key(100)
     with server.client(key) as c:
         for fmt, media in (("webp", "image/webp"), ("jpg", "image/jpeg")):
             resp = c.post(
@@ -119,7 +119,7 @@ def test_upscale_4x_and_2x(server: Server) -> None:
         assert resp.status_code == 200, resp.text
         assert Image.open(io.BytesIO(resp.content)).size == (160, 120)
         assert resp.headers["X-Model"] == "realesrgan-x4plus"
-        assert resp.headers["X-Credits-Charged"] == "1"
+        assert resp.headers["X-Credits-Charged"] == "2"  # the minimum upscale price
         resp = c.post(
             "/v1/upscale",
             files={"image": ("s.png", png_bytes(small), "image/png")},
@@ -127,7 +127,7 @@ def test_upscale_4x_and_2x(server: Server) -> None:
         )
         assert resp.status_code == 200, resp.text
         assert Image.open(io.BytesIO(resp.content)).size == (80, 60)
-    assert credits_of(server, key) == 8
+    assert credits_of(server, key) == 6
 
 
 def test_upscale_refusals_charge_nothing(server: Server) -> None:
@@ -165,7 +165,7 @@ def test_insufficient_credits_is_402_and_uncharged(server: Server) -> None:
     with server.client(key) as c:
         r = c.post("/v1/remove-background", files={"image": ("a.jpg", photo_bytes(), "image/jpeg")})
         assert_error(r, 402, "insufficient_credits")
-        assert r.headers["X-Credits-Required"] == "1"
+        assert r.headers["X-Credits-Required"] == "10"
         assert r.headers["X-Credits-Remaining"] == "0"
         assert c.get("/v1/usage").json()["data"] == []
 
@@ -177,7 +177,7 @@ def _mask(size: tuple[int, int], box: tuple[int, int, int, int]) -> Image.Image:
 
 
 def test_erase_keeps_pixels_outside_mask(server: Server) -> None:
-    key = server.new_key(5)
+    key = server.new_key(10)
     src = Image.open(DATA / "car.jpg").convert("RGB")
     mask = _mask(src.size, (200, 150, 280, 210))
     with server.client(key) as c:
@@ -213,7 +213,7 @@ def test_inpaint_bad_masks_are_422_uncharged(server: Server) -> None:
 
 
 def test_prompt_inpaint_with_tiny_pipeline(server: Server) -> None:
-    key = server.new_key(20)
+    key = server.new_key(50)
     src = Image.open(DATA / "car.jpg").convert("RGB").resize((96, 72))
     mask = _mask(src.size, (30, 20, 70, 50))
     files = {
@@ -226,7 +226,8 @@ def test_prompt_inpaint_with_tiny_pipeline(server: Server) -> None:
         assert first.status_code == 200, first.text
         assert first.headers["X-Seed"] == "7"
         assert first.headers["X-Model"] == "tiny-sd-inpaint"
-        assert first.headers["X-Credits-Charged"] == "2"
+        # 10 base + ceil(4 credits x 2 steps x 64x48 working pixels / 1e6) = 11
+        assert first.headers["X-Credits-Charged"] == "11"
         again = c.post("/v1/inpaint", files=files, data=form)
         assert again.content == first.content
     out = np.asarray(Image.open(io.BytesIO(first.content)).convert("RGB"))
@@ -235,7 +236,7 @@ def test_prompt_inpaint_with_tiny_pipeline(server: Server) -> None:
 
 
 def test_usage_matches_calls(server: Server) -> None:
-    key = server.new_key(10)
+    key = server.new_key(30)
     with server.client(key) as c:
         for _ in range(2):
             r = c.post(
@@ -247,7 +248,7 @@ def test_usage_matches_calls(server: Server) -> None:
         page = c.get("/v1/usage").json()
         assert len(page["data"]) == 2
         assert all(
-            u["operation"] == "remove-background" and u["credits"] == 1 for u in page["data"]
+            u["operation"] == "remove-background" and u["credits"] == 10 for u in page["data"]
         )
         assert ids <= {u["request_id"] for u in page["data"]}
         assert page["data"][0]["input_width"] == 480
@@ -255,5 +256,21 @@ def test_usage_matches_calls(server: Server) -> None:
         assert csv_text.splitlines()[0].startswith("request_id,operation,model")
         assert len(csv_text.strip().splitlines()) == 3
         assert c.get("/v1/usage", params={"operation": "upscale"}).json()["data"] == []
-    assert credits_of(server, key) == 8
+    assert credits_of(server, key) == 10
     assert "ledger ok" in server.cli("billing", "verify")
+
+
+def test_dry_run_quotes_without_charging(server: Server) -> None:
+    key = server.new_key(10)
+    img = png_bytes(Image.new("RGB", (500, 400), "white"))
+    with server.client(key) as c:
+        r = c.post(
+            "/v1/upscale?dry_run=true",
+            files={"image": ("q.png", img, "image/png")},
+            data={"scale": "4"},
+        )
+        assert r.status_code == 200, r.text
+        quote = r.json()
+        assert (quote["output_width"], quote["output_height"]) == (2000, 1600)
+        assert quote["credits"] == 32 == int(r.headers["X-Credits-Would-Charge"])
+    assert credits_of(server, key) == 10

@@ -191,6 +191,11 @@ class DiffusionInpaintEngine:
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
+    def work_pixels(self, size: tuple[int, int]) -> int:
+        """Pixels the model runs on for an image of `size` (what prompt inpainting is priced by)."""
+        w, h = working_size(size[0], size[1], self.native_size)
+        return w * h
+
     def inpaint(
         self,
         image: Image.Image,

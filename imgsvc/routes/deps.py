@@ -10,6 +10,7 @@ from starlette.concurrency import run_in_threadpool
 from imgsvc.billing import keys
 from imgsvc.billing.db import Database
 from imgsvc.billing.keys import KeyInfo
+from imgsvc.billing.pricing import PriceTable
 from imgsvc.config import Settings
 from imgsvc.errors import Unauthorized
 from imgsvc.images import Limits
@@ -31,7 +32,13 @@ def _registry(request: Request) -> Registry:
     return registry
 
 
+def _prices(request: Request) -> PriceTable:
+    prices: PriceTable = request.app.state.prices
+    return prices
+
+
 SettingsDep = Annotated[Settings, Depends(_settings)]
+PricesDep = Annotated[PriceTable, Depends(_prices)]
 DatabaseDep = Annotated[Database, Depends(_db)]
 RegistryDep = Annotated[Registry, Depends(_registry)]
 

@@ -6,23 +6,23 @@ import secrets
 from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, File, Form, Request, Response, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from imgsvc import images
-from imgsvc.billing.pricing import DEFAULT_PRICES
 from imgsvc.errors import InvalidInput
 from imgsvc.images import OutputFormat
 from imgsvc.models import erase
-from imgsvc.routes.deps import ApiKeyDep, LimitsDep, RegistryDep, SettingsDep
+from imgsvc.routes.deps import ApiKeyDep, LimitsDep, PricesDep, RegistryDep, SettingsDep
 from imgsvc.routes.metered import (
     IMAGE_RESPONSES,
     EngineResult,
+    dry_run_param,
     metered_call,
     read_upload,
 )
 
-router = APIRouter(prefix="/v1", tags=["inpaint"])
+router = APIRouter(prefix="/v1", dependencies=[Depends(dry_run_param)], tags=["inpaint"])
 
 MAX_PROMPT_CHARS = 1000
 
@@ -36,6 +36,7 @@ MAX_PROMPT_CHARS = 1000
 async def inpaint(
     request: Request,
     key: ApiKeyDep,
+    prices: PricesDep,
     registry: RegistryDep,
     limits: LimitsDep,
     settings: SettingsDep,
@@ -71,7 +72,8 @@ async def inpaint(
             request,
             key=key,
             operation="inpaint",
-            credits=DEFAULT_PRICES.inpaint_cost(prompt=False, steps=0),
+            credits=prices.inpaint_cost(prompt=False, steps=0, work_pixels=0),
+            output_size=img.size,
             work=erase_work,
         )
 
@@ -97,6 +99,9 @@ async def inpaint(
         request,
         key=key,
         operation="inpaint",
-        credits=DEFAULT_PRICES.inpaint_cost(prompt=True, steps=steps),
+        credits=prices.inpaint_cost(
+            prompt=True, steps=steps, work_pixels=engine.work_pixels(img.size)
+        ),
+        output_size=img.size,
         work=prompt_work,
     )

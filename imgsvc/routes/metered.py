@@ -5,15 +5,18 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Annotated
 
 import anyio
-from fastapi import Request, Response, UploadFile
+from fastapi import Query, Request, Response, UploadFile
+from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from imgsvc.billing import metering
 from imgsvc.billing.db import Database
 from imgsvc.billing.keys import KeyInfo
 from imgsvc.billing.metering import UsageRecord
+from imgsvc.billing.pricing import PriceTable
 from imgsvc.errors import PayloadTooLarge
 from imgsvc.images import MEDIA_TYPES, Limits, OutputFormat
 from imgsvc.models.registry import Operation, Registry
@@ -38,6 +41,8 @@ class EngineResult:
     input_size: tuple[int, int]
     output_size: tuple[int, int]
     headers: dict[str, str] = field(default_factory=dict)
+    # Credits to charge when they differ from the reservation (e.g. 0 for a useless result).
+    credits: int | None = None
 
 
 async def read_upload(upload: UploadFile, limits: Limits, what: str) -> bytes:
@@ -47,15 +52,40 @@ async def read_upload(upload: UploadFile, limits: Limits, what: str) -> bytes:
     return await upload.read()
 
 
+async def dry_run_param(
+    request: Request,
+    dry_run: Annotated[
+        bool, Query(description="quote only: return the price and output size, charge nothing")
+    ] = False,
+) -> None:
+    """Router-level dependency of every metered operation (documents `?dry_run=true`)."""
+    request.state.dry_run = dry_run
+
+
 async def metered_call(
     request: Request,
     *,
     key: KeyInfo,
     operation: Operation,
     credits: int,
+    output_size: tuple[int, int],
     work: Callable[[], EngineResult],
 ) -> Response:
-    """Charge `credits` for `work` only if it succeeds; a failure releases the reservation."""
+    """Charge `credits` for `work` only if it succeeds; a failure releases the reservation.
+
+    Call it after all validation, with the price and output size known; with `?dry_run=true`
+    it answers the quote instead of doing the work.
+    """
+    prices: PriceTable = request.app.state.prices
+    if getattr(request.state, "dry_run", False):
+        quote = {
+            "operation": operation,
+            "credits": credits,
+            "output_width": output_size[0],
+            "output_height": output_size[1],
+            "price_version": prices.version,
+        }
+        return JSONResponse(quote, headers={"X-Credits-Would-Charge": str(credits)})
     db: Database = request.app.state.db
     registry: Registry = request.app.state.registry
     request_id: str = request.state.request_id

@@ -4,22 +4,22 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Request, Response, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from imgsvc import images
-from imgsvc.billing.pricing import DEFAULT_PRICES
 from imgsvc.images import OutputFormat
 from imgsvc.models.registry import DEFAULT_BACKGROUND_MODEL
-from imgsvc.routes.deps import ApiKeyDep, LimitsDep, RegistryDep
+from imgsvc.routes.deps import ApiKeyDep, LimitsDep, PricesDep, RegistryDep
 from imgsvc.routes.metered import (
     IMAGE_RESPONSES,
     EngineResult,
+    dry_run_param,
     metered_call,
     read_upload,
 )
 
-router = APIRouter(prefix="/v1", tags=["remove-background"])
+router = APIRouter(prefix="/v1", dependencies=[Depends(dry_run_param)], tags=["remove-background"])
 
 
 @router.post(
@@ -31,6 +31,7 @@ router = APIRouter(prefix="/v1", tags=["remove-background"])
 async def remove_background(
     request: Request,
     key: ApiKeyDep,
+    prices: PricesDep,
     registry: RegistryDep,
     limits: LimitsDep,
     image: Annotated[UploadFile, File(description="JPEG, PNG, WebP, GIF, TIFF or BMP")],
@@ -53,6 +54,7 @@ async def remove_background(
         request,
         key=key,
         operation="remove-background",
-        credits=DEFAULT_PRICES.remove_background_cost(),
+        credits=prices.remove_background_cost("full"),
+        output_size=img.size,
         work=work,
     )

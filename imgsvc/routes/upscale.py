@@ -4,23 +4,23 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Request, Response, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from imgsvc import images
-from imgsvc.billing.pricing import DEFAULT_PRICES
 from imgsvc.errors import InvalidInput
 from imgsvc.images import OutputFormat
 from imgsvc.models.registry import DEFAULT_UPSCALE_MODEL
-from imgsvc.routes.deps import ApiKeyDep, LimitsDep, RegistryDep, SettingsDep
+from imgsvc.routes.deps import ApiKeyDep, LimitsDep, PricesDep, RegistryDep, SettingsDep
 from imgsvc.routes.metered import (
     IMAGE_RESPONSES,
     EngineResult,
+    dry_run_param,
     metered_call,
     read_upload,
 )
 
-router = APIRouter(prefix="/v1", tags=["upscale"])
+router = APIRouter(prefix="/v1", dependencies=[Depends(dry_run_param)], tags=["upscale"])
 
 
 @router.post(
@@ -32,6 +32,7 @@ router = APIRouter(prefix="/v1", tags=["upscale"])
 async def upscale(
     request: Request,
     key: ApiKeyDep,
+    prices: PricesDep,
     registry: RegistryDep,
     limits: LimitsDep,
     settings: SettingsDep,
@@ -61,6 +62,7 @@ async def upscale(
         request,
         key=key,
         operation="upscale",
-        credits=DEFAULT_PRICES.upscale_cost(*out_size),
+        credits=prices.upscale_cost(*out_size),
+        output_size=out_size,
         work=work,
     )
