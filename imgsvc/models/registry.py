@@ -42,11 +42,18 @@ UPSCALE_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt")
 
 @dataclass(frozen=True)
 class ModelInfo:
+    """One row of GET /v1/models."""
+
     operation: Operation
     name: str
     present: bool
     path: str
     default: bool
+    scale: int | None = None  # native scale (upscale)
+    size_bytes: int | None = None  # weights on disk
+    version: str | None = None  # weights sha256 prefix (what X-Model-Version says)
+    cpu_seconds_per_input_mp: float | None = None  # measured, see BENCHMARKS.md
+    note: str | None = None
 
 
 class Registry:
