@@ -12,17 +12,20 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from imgsvc import __version__
+from imgsvc.billing import idempotency, metering
 from imgsvc.billing.db import Database
 from imgsvc.billing.pricing import load_prices
+from imgsvc.billing.ratelimit import RateLimiter
 from imgsvc.config import Settings
 from imgsvc.errors import ServiceError
 from imgsvc.models.device import select_device
 from imgsvc.models.registry import Registry
-from imgsvc.routes import account, health, inpaint, remove_background, upscale
+from imgsvc.routes import account, admin, health, inpaint, keys, quote, remove_background, upscale
 
 log = logging.getLogger("imgsvc")
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -53,16 +56,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         db = Database(settings.database_url)
-        await run_in_threadpool(db.create_schema)
+        await run_in_threadpool(db.migrate)
         app.state.db = db
-        loader = asyncio.create_task(_preload(app)) if settings.preload_models else None
-        if loader is None:
+        tasks = [asyncio.create_task(_sweep_forever(db, settings.sweep_interval_seconds))]
+        if settings.preload_models:
+            tasks.append(asyncio.create_task(_preload(app)))
+        else:
             app.state.models_ready = True
         try:
             yield
         finally:
-            if loader is not None:
-                loader.cancel()
+            for task in tasks:
+                task.cancel()
             db.dispose()
 
     app = FastAPI(
@@ -73,14 +78,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.prices = load_prices(settings.prices_file)
+    app.state.rate_limiter = RateLimiter(settings.default_rate_limit, settings.redis_url)
     app.state.registry = registry
     app.state.models_ready = False
     app.state.load_error = None
-    for module in (remove_background, upscale, inpaint, account, health):
+    for module in (remove_background, upscale, inpaint, quote, account, keys, admin, health):
         app.include_router(module.router)
     _install_request_id(app)
     _install_error_handlers(app)
     return app
+
+
+async def _sweep_forever(db: Database, interval: float) -> None:
+    """Release holds of calls whose process died; drop expired idempotency records."""
+    while True:
+        try:
+            await run_in_threadpool(metering.sweep_expired, db)
+            await run_in_threadpool(idempotency.purge_expired, db)
+        except SQLAlchemyError:
+            log.exception("hold sweep failed; retrying in %s s", interval)
+        await asyncio.sleep(interval)
 
 
 async def _preload(app: FastAPI) -> None:
@@ -106,19 +123,21 @@ def _install_request_id(app: FastAPI) -> None:
         request.state.request_id = rid
         response = await call_next(request)
         response.headers["X-Request-Id"] = rid
+        for name, value in getattr(request.state, "extra_headers", {}).items():
+            response.headers.setdefault(name, value)
         return response
 
 
-def _error(request: Request, status: int, code: str, message: str) -> JSONResponse:
+def _error(request: Request, status: int, code: str, message: str, **extra: object) -> JSONResponse:
     rid = getattr(request.state, "request_id", "")
-    body = {"error": {"code": code, "message": message, "request_id": rid}}
+    body = {"error": {"code": code, "message": message, "request_id": rid, **extra}}
     return JSONResponse(body, status_code=status, headers={"X-Request-Id": rid})
 
 
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        response = _error(request, exc.status, exc.code, exc.message)
+        response = _error(request, exc.status, exc.code, exc.message, **exc.extra)
         response.headers.update(exc.headers)
         if exc.status >= 500:
             log.warning("%s %s: %s", exc.status, exc.code, exc.message)

@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 from dataclasses import asdict
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from imgsvc.billing.db import Database
@@ -26,7 +26,7 @@ def _prepare_process() -> None:
 
 def _db(settings: Settings) -> Database:
     db = Database(settings.database_url)
-    db.create_schema()
+    db.migrate()
     return db
 
 
@@ -68,16 +68,35 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
 
     db = _db(settings)
     if args.keys_cmd == "create":
-        info, secret = keys.create_key(db, name=args.name, credits=args.credits)
+        scopes = args.scopes
+        if args.reseller:
+            scopes = " ".join((scopes or " ".join(keys.OPERATION_SCOPES)).split())
+            scopes += f" {keys.RESELLER_SCOPE}"
+        info, secret = keys.create_key(
+            db,
+            name=args.name,
+            credits=args.credits,
+            scopes=scopes,
+            rate_limit=args.rate_limit,
+            expires_at=args.expires,
+        )
         print(f"created key #{info.id} {info.name!r} with {info.credits} credits; secret:")
         print(secret)
     elif args.keys_cmd == "list":
+        print("id\tname\tprefix\tcredits\tstate\tscopes\tcreated")
         for k in keys.list_keys(db):
             state = "revoked" if k.revoked_at else "active"
-            print(f"{k.id}\t{k.name}\t{k.prefix}…\t{k.credits}\t{state}\t{k.created_at:%Y-%m-%d}")
+            print(
+                f"{k.id}\t{k.name}\t{k.prefix}…\t{k.credits}\t{state}\t"
+                f"{','.join(k.scopes)}\t{k.created_at:%Y-%m-%d}"
+            )
     elif args.keys_cmd == "revoke":
         info = keys.revoke_key(db, args.id)
         print(f"revoked key #{info.id} {info.name!r}")
+    elif args.keys_cmd == "rotate":
+        info, secret = keys.rotate_key(db, args.id, old_valid_for=timedelta(hours=args.grace_hours))
+        print(f"key #{info.id} replaces #{args.id} (old one valid {args.grace_hours} h); secret:")
+        print(secret)
     elif args.keys_cmd == "topup":
         info = keys.topup(db, args.id, args.credits)
         print(f"key #{info.id} now has {info.credits} credits")
@@ -85,11 +104,12 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_usage(args: argparse.Namespace, settings: Settings) -> int:
-    from imgsvc.billing import metering
+    from imgsvc.billing import usage
 
-    rows = metering.list_usage(_db(settings), key_id=args.key, since=args.since, limit=args.limit)
+    where = usage.UsageFilter(key_id=args.key, since=args.since)
+    rows = usage.list_usage(_db(settings), where, limit=args.limit)
     if args.format == "csv":
-        sys.stdout.write(metering.usage_csv(rows))
+        sys.stdout.write(usage.usage_csv(rows))
     else:
         print(json.dumps([asdict(r) for r in rows], default=str, indent=2))
     return 0
@@ -107,14 +127,18 @@ def cmd_weights(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def cmd_billing_verify(args: argparse.Namespace, settings: Settings) -> int:
-    from imgsvc.billing.metering import ledger_mismatches
+def cmd_billing(args: argparse.Namespace, settings: Settings) -> int:
+    from imgsvc.billing import metering
 
-    bad = ledger_mismatches(_db(settings))
-    for key_id, balance, total in bad:
-        print(f"key #{key_id}: balance {balance} != ledger sum {total}")
-    print("ledger ok" if not bad else f"{len(bad)} key(s) do not match their ledger")
-    return 1 if bad else 0
+    db = _db(settings)
+    if args.billing_cmd == "sweep":
+        print(f"released {metering.sweep_expired(db)} expired hold(s)")
+        return 0
+    problems = metering.ledger_mismatches(db)
+    for line in problems:
+        print(line)
+    print("ledger ok" if not problems else f"{len(problems)} problem(s) in the ledger")
+    return 1 if problems else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,15 +150,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, help="port (IMGSVC_PORT)")
     s.set_defaults(func=cmd_serve)
 
-    k = sub.add_parser("keys", help="create, list, revoke and top up API keys")
+    k = sub.add_parser("keys", help="create, list, revoke, rotate and top up API keys")
     ks = k.add_subparsers(dest="keys_cmd", required=True)
     kc = ks.add_parser("create", help="create a key; the secret is printed once, on the last line")
     kc.add_argument("--name", required=True)
     kc.add_argument("--credits", type=int, default=0)
+    kc.add_argument("--scopes", help="space/comma separated operations (default: all)")
+    kc.add_argument("--rate-limit", help="e.g. 60/minute (default: IMGSVC_DEFAULT_RATE_LIMIT)")
+    kc.add_argument("--expires", type=datetime.fromisoformat, help="ISO date/time (UTC)")
+    kc.add_argument("--reseller", action="store_true", help="may create sub-keys (/v1/keys)")
     ks.add_parser("list", help="id, name, prefix, credits, state, created")
     kr = ks.add_parser("revoke", help="revoke a key at once")
     kr.add_argument("id", type=int)
-    kt = ks.add_parser("topup", help="add credits to a key")
+    ko = ks.add_parser("rotate", help="new secret for a key; the old one expires after a grace")
+    ko.add_argument("id", type=int)
+    ko.add_argument("--grace-hours", type=float, default=24.0)
+    kt = ks.add_parser("topup", help="add credits to a key's account")
     kt.add_argument("id", type=int)
     kt.add_argument("credits", type=int)
     k.set_defaults(func=cmd_keys)
@@ -154,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("billing", help="ledger checks")
     bs = b.add_subparsers(dest="billing_cmd", required=True)
     bs.add_parser("verify", help="every balance equals the sum of its ledger rows (exit 1 if not)")
-    b.set_defaults(func=cmd_billing_verify)
+    bs.add_parser("sweep", help="release the credit holds of calls whose process died")
+    b.set_defaults(func=cmd_billing)
     return p
 
 

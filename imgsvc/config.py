@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -23,7 +24,14 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     admin_token: SecretStr | None = Field(None, description="bearer token for /v1/admin")
-    redis_url: str | None = None
+    redis_url: str | None = Field(None, description="shared rate limits across replicas")
+    default_rate_limit: str = Field("60/minute", description="per key, unless the key sets one")
+    hold_ttl_seconds: int = Field(
+        120, ge=2, description="a call's credit hold expires this long after its last heartbeat"
+    )
+    sweep_interval_seconds: float = Field(
+        30, gt=0, description="how often expired holds are released"
+    )
 
     prices_file: Path | None = Field(None, description="price table TOML (default: shipped)")
     max_upload_bytes: int = Field(25 * 1024 * 1024, description="largest accepted upload")
@@ -37,8 +45,24 @@ class Settings(BaseSettings):
     concurrency_remove_background: int = Field(2, ge=1)
     concurrency_upscale: int = Field(1, ge=1)
     concurrency_inpaint: int = Field(1, ge=1)
+    inpaint_queue_depth: int = Field(
+        4, ge=0, description="inpaint calls that may wait for the device; more get 503"
+    )
     torch_threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch's default")
     preload_models: bool = Field(True, description="load default models at start (readyz)")
+    url_fetch_timeout_s: float = Field(15.0, gt=0, description="deadline of one image_url fetch")
+    url_fetch_allow_cidrs: str = Field(
+        "",
+        description="comma-separated networks image_url may reach although not public "
+        "(e.g. an internal image store); empty = public addresses only",
+    )
+
+    @field_validator("url_fetch_allow_cidrs")
+    @classmethod
+    def _valid_cidrs(cls, value: str) -> str:
+        for part in filter(None, (p.strip() for p in value.split(","))):
+            ipaddress.ip_network(part)  # ValueError → the settings are refused at start
+        return value
 
     @property
     def is_sqlite(self) -> bool:

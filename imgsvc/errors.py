@@ -13,10 +13,17 @@ class ServiceError(Exception):
     code = "internal_error"
     status = 500
 
-    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        headers: dict[str, str] | None = None,
+        extra: dict[str, object] | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.headers = headers or {}
+        self.extra = extra or {}  # more fields of the JSON error object
 
 
 class InvalidInput(ServiceError):
@@ -54,6 +61,21 @@ class UnknownModel(ServiceError):
 class Unauthorized(ServiceError):
     code = "unauthorized"
     status = 401
+
+
+class Forbidden(ServiceError):
+    code = "forbidden"
+    status = 403
+
+
+class Conflict(ServiceError):
+    code = "conflict"
+    status = 409
+
+
+class RateLimited(ServiceError):
+    code = "rate_limited"
+    status = 429
 
 
 class InsufficientCredits(ServiceError):

@@ -253,7 +253,7 @@ def test_usage_matches_calls(server: Server) -> None:
         assert ids <= {u["request_id"] for u in page["data"]}
         assert page["data"][0]["input_width"] == 480
         csv_text = c.get("/v1/usage", headers={"Accept": "text/csv"}).text
-        assert csv_text.splitlines()[0].startswith("request_id,operation,model")
+        assert csv_text.splitlines()[0].startswith("request_id,key_id,operation,model")
         assert len(csv_text.strip().splitlines()) == 3
         assert c.get("/v1/usage", params={"operation": "upscale"}).json()["data"] == []
     assert credits_of(server, key) == 10

@@ -11,7 +11,7 @@ from PIL import Image
 from sqlalchemy import select
 
 from imgsvc.app import create_app
-from imgsvc.billing import keys, metering
+from imgsvc.billing import keys, metering, usage
 from imgsvc.billing.schema import LedgerEntry
 from imgsvc.config import Settings
 
@@ -48,7 +48,7 @@ def test_engine_failure_releases_credits(tmp_path: Path, monkeypatch: pytest.Mon
         assert error["code"] == "internal_error"
         assert "secret" not in error["message"] and "CUDA" not in error["message"]
         assert keys.get_key(db, info.id).credits == 5
-        assert metering.list_usage(db, key_id=info.id) == []
+        assert usage.list_usage(db, usage.UsageFilter(key_id=info.id)) == []
         with db.transaction() as s:
             kinds = [e.kind for e in s.scalars(select(LedgerEntry).order_by(LedgerEntry.id))]
         assert kinds == ["grant", "hold", "release"]

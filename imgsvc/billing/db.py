@@ -1,17 +1,17 @@
-"""Engine and session factory. SQLite is the embedded default (WAL, BEGIN IMMEDIATE writes)."""
+"""Engine, sessions and migrations. SQLite (WAL, BEGIN IMMEDIATE, synchronous=FULL) is the
+embedded default; PostgreSQL (psycopg 3) when the URL says `postgresql+psycopg://…`."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
-
-from imgsvc.billing.schema import Base
 
 
 class Database:
@@ -22,8 +22,22 @@ class Database:
         self.engine = _make_engine(url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
-    def create_schema(self) -> None:
-        Base.metadata.create_all(self.engine)
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest Alembic revision (idempotent)."""
+        from alembic import command
+        from alembic.config import Config
+
+        config = Config()
+        config.set_main_option(
+            "script_location", str(resources.files("imgsvc.billing") / "migrations")
+        )
+        with self.engine.begin() as conn:
+            config.attributes["connection"] = conn
+            command.upgrade(config, "head")
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
@@ -37,7 +51,8 @@ class Database:
 def _make_engine(url: str) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True)
+        # As many connections as the worker threads that may use them (anyio default: 40).
+        return create_engine(url, pool_pre_ping=True, pool_size=20, max_overflow=20)
     if parsed.database and parsed.database != ":memory:":
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})

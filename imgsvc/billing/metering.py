@@ -1,21 +1,25 @@
-"""Reserve credits before work, capture on success, release on failure.
+"""Holds: reserve credits before work, capture on success, release on failure or expiry.
 
-The reservation is one conditional UPDATE (`credits >= n`), so concurrent calls can never
-overdraw; each balance change writes a ledger row in the same transaction.
+A hold is one conditional UPDATE (`credits >= n`, never a read-then-write) plus its ledger row,
+in one transaction, so concurrent calls can never overdraw. A hold carries an expiry that the
+running call keeps extending; if the process dies, `sweep_expired` releases it.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-from dataclasses import asdict, dataclass, fields
-from datetime import datetime
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 
-from sqlalchemy import func, select, update
+from sqlalchemy import case, func, select, update
+from sqlalchemy.orm import Session
 
 from imgsvc.billing.db import Database
-from imgsvc.billing.schema import ApiKey, LedgerEntry, UsageEvent
-from imgsvc.errors import InsufficientCredits, Unauthorized
+from imgsvc.billing.keys import KeyInfo, current_month
+from imgsvc.billing.schema import Account, ApiKey, Hold, LedgerEntry, UsageEvent, utcnow
+from imgsvc.errors import InsufficientCredits
+
+log = logging.getLogger("imgsvc.billing")
 
 
 @dataclass(frozen=True)
@@ -27,140 +31,250 @@ class UsageRecord:
     input_size: tuple[int, int]
     output_size: tuple[int, int]
     duration_ms: int
+    price_version: str
+    client_ref: str | None = None
 
 
-@dataclass(frozen=True)
-class UsageRow:
-    request_id: str
-    operation: str
-    model: str
-    input_width: int
-    input_height: int
-    output_width: int
-    output_height: int
-    credits: int
-    duration_ms: int
-    created_at: datetime
+class MonthlyCapReached(InsufficientCredits):
+    code = "monthly_cap_reached"
 
 
-def reserve(db: Database, *, key_id: int, credits: int, request_id: str) -> None:
-    """Take `credits` from the key or raise InsufficientCredits; nothing is taken on refusal."""
+def reserve(db: Database, *, key: KeyInfo, credits: int, request_id: str, ttl: timedelta) -> int:
+    """Hold `credits` of the key's account; return the hold id. Refusal takes nothing."""
+    now = utcnow()
+    month = current_month(now)
     with db.transaction() as s:
-        res = s.execute(
-            update(ApiKey)
-            .where(
-                ApiKey.id == key_id,
-                ApiKey.credits >= credits,
-                ApiKey.revoked_at.is_(None),
-            )
-            .values(credits=ApiKey.credits - credits)
+        taken = s.execute(
+            update(Account)
+            .where(Account.id == key.account_id, Account.credits >= credits)
+            .values(credits=Account.credits - credits)
         )
-        if res.rowcount == 1:  # type: ignore[attr-defined]
-            s.add(LedgerEntry(key_id=key_id, delta=-credits, kind="hold", request_id=request_id))
-            return
-        row = s.get(ApiKey, key_id)
-    if row is None or row.revoked_at is not None:
-        raise Unauthorized("missing, malformed, unknown or revoked API key")
-    raise InsufficientCredits(
-        f"this call costs {credits} credits and the key has {row.credits}; top up and retry",
-        headers={
-            "X-Credits-Required": str(credits),
-            "X-Credits-Remaining": str(row.credits),
-        },
+        if taken.rowcount != 1:  # type: ignore[attr-defined]
+            balance = _balance(s, key.account_id)
+            raise InsufficientCredits(
+                f"this call costs {credits} credits and the account has {balance}; "
+                "top up and retry",
+                headers={"X-Credits-Required": str(credits), "X-Credits-Remaining": str(balance)},
+                extra={"credits_required": credits, "credits_remaining": balance},
+            )
+        if key.monthly_cap is not None and not _charge_cap(s, key.id, credits, month):
+            # Raising inside the transaction rolls the balance update back too.
+            raise MonthlyCapReached(
+                f"this call costs {credits} credits; this key has spent {key.month_spent} of "
+                f"its monthly cap of {key.monthly_cap}",
+                headers={"X-Credits-Required": str(credits)},
+                extra={"credits_required": credits, "monthly_cap": key.monthly_cap},
+            )
+        hold = Hold(
+            account_id=key.account_id,
+            key_id=key.id,
+            request_id=request_id,
+            amount=credits,
+            expires_at=now + ttl,
+        )
+        s.add(hold)
+        s.flush()
+        s.add(_entry(hold, -credits, "hold"))
+        return hold.id
+
+
+def _charge_cap(s: Session, key_id: int, credits: int, month: str) -> bool:
+    """Add to a capped key's month_spent unless that would pass the cap (one UPDATE)."""
+    new_spent = case((ApiKey.cap_month == month, ApiKey.month_spent + credits), else_=credits)
+    res = s.execute(
+        update(ApiKey)
+        .where(ApiKey.id == key_id, new_spent <= ApiKey.monthly_cap)
+        .values(month_spent=new_spent, cap_month=month)
+    )
+    return bool(res.rowcount == 1)  # type: ignore[attr-defined]
+
+
+def _uncharge_cap(s: Session, hold: Hold, credits: int) -> None:
+    """Give back unused credits to a capped key's month (never below zero)."""
+    if credits <= 0:
+        return
+    s.execute(
+        update(ApiKey)
+        .where(ApiKey.id == hold.key_id, ApiKey.monthly_cap.is_not(None))
+        .where(ApiKey.cap_month == current_month(hold.created_at))
+        .values(
+            month_spent=case((ApiKey.month_spent > credits, ApiKey.month_spent - credits), else_=0)
+        )
     )
 
 
-def release(db: Database, *, key_id: int, credits: int, request_id: str) -> None:
-    """Give back a reservation whose call failed."""
+def _entry(hold: Hold, delta: int, kind: str) -> LedgerEntry:
+    return LedgerEntry(
+        account_id=hold.account_id,
+        key_id=hold.key_id,
+        hold_id=hold.id,
+        delta=delta,
+        kind=kind,
+        request_id=hold.request_id,
+    )
+
+
+def _balance(s: Session, account_id: int) -> int:
+    return int(s.scalar(select(Account.credits).where(Account.id == account_id)) or 0)
+
+
+def _settle(s: Session, hold_id: int, status: str) -> Hold | None:
+    """Move a hold out of `held` (one conditional UPDATE); None if it was already settled."""
+    res = s.execute(
+        update(Hold)
+        .where(Hold.id == hold_id, Hold.status == "held")
+        .values(status=status, settled_at=utcnow())
+    )
+    if res.rowcount != 1:  # type: ignore[attr-defined]
+        return None
+    return s.get(Hold, hold_id)
+
+
+def _credit(s: Session, account_id: int, credits: int) -> None:
+    if credits:
+        s.execute(
+            update(Account)
+            .where(Account.id == account_id)
+            .values(credits=Account.credits + credits)
+        )
+
+
+def extend(db: Database, *, hold_id: int, ttl: timedelta) -> None:
+    """Push a running call's hold expiry forward (its heartbeat)."""
     with db.transaction() as s:
         s.execute(
-            update(ApiKey).where(ApiKey.id == key_id).values(credits=ApiKey.credits + credits)
+            update(Hold)
+            .where(Hold.id == hold_id, Hold.status == "held")
+            .values(expires_at=utcnow() + ttl)
         )
-        s.add(LedgerEntry(key_id=key_id, delta=credits, kind="release", request_id=request_id))
 
 
-def capture(db: Database, *, key_id: int, credits: int, request_id: str, usage: UsageRecord) -> int:
-    """Record the successful call against its reservation; return the credits remaining."""
+def release(db: Database, *, hold_id: int) -> bool:
+    """Give a hold back (the call failed). False if it was already settled."""
     with db.transaction() as s:
+        hold = _settle(s, hold_id, "released")
+        if hold is None:
+            return False
+        _credit(s, hold.account_id, hold.amount)
+        _uncharge_cap(s, hold, hold.amount)
+        s.add(_entry(hold, hold.amount, "release"))
+        return True
+
+
+def capture(
+    db: Database, *, hold_id: int, credits: int, key: KeyInfo, request_id: str, usage: UsageRecord
+) -> tuple[int, int]:
+    """Charge `credits` (at most the hold) and record the usage; return (charged, remaining).
+
+    The unused part of the hold goes back in the same transaction. If the hold had expired and
+    was swept meanwhile, the charge is taken again only if the balance allows it (never
+    negative); otherwise the call is recorded as free.
+    """
+    with db.transaction() as s:
+        hold = _settle(s, hold_id, "captured")
+        if hold is not None:
+            charged = min(max(credits, 0), hold.amount)
+            unused = hold.amount - charged
+            _credit(s, hold.account_id, unused)
+            _uncharge_cap(s, hold, unused)
+            s.add(_entry(hold, unused, "capture"))
+        else:
+            charged = _charge_again(s, key, credits, request_id)
         s.add(
             UsageEvent(
-                key_id=key_id,
+                account_id=key.account_id,
+                key_id=key.id,
                 request_id=request_id,
                 operation=usage.operation,
                 model=usage.model,
+                client_ref=usage.client_ref,
                 input_width=usage.input_size[0],
                 input_height=usage.input_size[1],
                 output_width=usage.output_size[0],
                 output_height=usage.output_size[1],
-                credits=credits,
+                credits=charged,
+                price_version=usage.price_version,
                 duration_ms=usage.duration_ms,
             )
         )
-        remaining = s.scalar(select(ApiKey.credits).where(ApiKey.id == key_id))
-        return int(remaining or 0)
+        return charged, _balance(s, key.account_id)
 
 
-def list_usage(
-    db: Database,
-    *,
-    key_id: int | None,
-    since: datetime | None = None,
-    until: datetime | None = None,
-    operation: str | None = None,
-    limit: int = 100,
-    offset: int = 0,
-) -> list[UsageRow]:
-    """Usage rows, newest first; `key_id=None` lists every key's (admin/CLI)."""
-    q = select(UsageEvent)
-    if key_id is not None:
-        q = q.where(UsageEvent.key_id == key_id)
-    if since is not None:
-        q = q.where(UsageEvent.created_at >= since)
-    if until is not None:
-        q = q.where(UsageEvent.created_at < until)
-    if operation is not None:
-        q = q.where(UsageEvent.operation == operation)
-    q = q.order_by(UsageEvent.created_at.desc(), UsageEvent.id.desc()).limit(limit).offset(offset)
-    with db.transaction() as s:
-        return [
-            UsageRow(
-                e.request_id,
-                e.operation,
-                e.model,
-                e.input_width,
-                e.input_height,
-                e.output_width,
-                e.output_height,
-                e.credits,
-                e.duration_ms,
-                e.created_at,
-            )
-            for e in s.scalars(q)
-        ]
-
-
-def ledger_mismatches(db: Database) -> list[tuple[int, int, int]]:
-    """(key id, balance, sum of ledger) for every key whose balance disagrees with its ledger."""
-    sums = (
-        select(
-            LedgerEntry.key_id,
-            func.coalesce(func.sum(LedgerEntry.delta), 0).label("total"),
+def _charge_again(s: Session, key: KeyInfo, credits: int, request_id: str) -> int:
+    taken = s.execute(
+        update(Account)
+        .where(Account.id == key.account_id, Account.credits >= credits)
+        .values(credits=Account.credits - credits)
+    )
+    if taken.rowcount != 1 or credits <= 0:  # type: ignore[attr-defined]
+        log.warning("request %s: hold expired and balance too low; not charged", request_id)
+        return 0
+    s.add(
+        LedgerEntry(
+            account_id=key.account_id,
+            key_id=key.id,
+            delta=-credits,
+            kind="charge",
+            request_id=request_id,
         )
-        .group_by(LedgerEntry.key_id)
+    )
+    return credits
+
+
+def sweep_expired(db: Database, *, now: datetime | None = None) -> int:
+    """Release every hold whose call died (expired without capture). Returns how many."""
+    cutoff = now or utcnow()
+    with db.transaction() as s:
+        ids = list(
+            s.scalars(select(Hold.id).where(Hold.status == "held", Hold.expires_at < cutoff))
+        )
+    released = sum(release(db, hold_id=i) for i in ids)
+    if released:
+        log.info("released %d expired hold(s)", released)
+    return released
+
+
+def held_credits(db: Database, account_id: int) -> int:
+    with db.transaction() as s:
+        total = s.scalar(
+            select(func.coalesce(func.sum(Hold.amount), 0)).where(
+                Hold.account_id == account_id, Hold.status == "held"
+            )
+        )
+        return int(total or 0)
+
+
+def ledger_mismatches(db: Database) -> list[str]:
+    """Every way the books disagree: balance vs ledger sum, negative balance, unsettled holds
+    without a hold row, settled holds without exactly one settling row. Empty = clean."""
+    problems: list[str] = []
+    sums = (
+        select(LedgerEntry.account_id, func.sum(LedgerEntry.delta).label("total"))
+        .group_by(LedgerEntry.account_id)
         .subquery()
     )
-    q = select(ApiKey.id, ApiKey.credits, func.coalesce(sums.c.total, 0)).outerjoin(
-        sums, sums.c.key_id == ApiKey.id
+    settle_rows = (
+        select(LedgerEntry.hold_id, func.count().label("n"))
+        .where(LedgerEntry.kind.in_(("capture", "release")))
+        .group_by(LedgerEntry.hold_id)
+        .subquery()
     )
     with db.transaction() as s:
-        return [(i, c, int(t)) for i, c, t in s.execute(q) if c != int(t)]
-
-
-def usage_csv(rows: list[UsageRow]) -> str:
-    """Usage rows as CSV with a header line (for invoices and spreadsheets)."""
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=[f.name for f in fields(UsageRow)])
-    writer.writeheader()
-    for row in rows:
-        writer.writerow(asdict(row))
-    return buf.getvalue()
+        for acc, credits, total in s.execute(
+            select(Account.id, Account.credits, func.coalesce(sums.c.total, 0)).outerjoin(
+                sums, sums.c.account_id == Account.id
+            )
+        ):
+            if credits != int(total):
+                problems.append(f"account #{acc}: balance {credits} != ledger sum {int(total)}")
+            if credits < 0:
+                problems.append(f"account #{acc}: negative balance {credits}")
+        for hold_id, status, n in s.execute(
+            select(Hold.id, Hold.status, func.coalesce(settle_rows.c.n, 0)).outerjoin(
+                settle_rows, settle_rows.c.hold_id == Hold.id
+            )
+        ):
+            expected = 0 if status == "held" else 1
+            if int(n) != expected:
+                problems.append(f"hold #{hold_id} ({status}) has {int(n)} settling ledger rows")
+    return problems

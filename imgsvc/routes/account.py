@@ -1,8 +1,8 @@
-"""GET /v1/account and GET /v1/usage — the caller's balance and usage events."""
+"""The caller's account: balance, usage (JSON or CSV), summaries and monthly statements."""
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from typing import Annotated
 
@@ -10,11 +10,14 @@ from fastapi import APIRouter, Header, Query, Response
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from imgsvc.billing import metering
+from imgsvc.billing import usage as usage_store
+from imgsvc.billing.keys import KeyInfo
+from imgsvc.billing.usage import GroupBy, UsageFilter, UsageRow
 from imgsvc.models.registry import Operation
 from imgsvc.routes.deps import ApiKeyDep, DatabaseDep
 
 router = APIRouter(prefix="/v1", tags=["account"])
+CSV_RESPONSES: dict[int | str, dict[str, object]] = {200: {"content": {"text/csv": {}}}}
 
 
 class AccountPublic(BaseModel):
@@ -22,18 +25,26 @@ class AccountPublic(BaseModel):
     name: str
     key_prefix: str
     credits: int
+    scopes: list[str]
+    rate_limit: str | None
+    monthly_cap: int | None
+    month_spent: int
+    expires_at: datetime | None
     created_at: datetime
 
 
 class UsagePublic(BaseModel):
     request_id: str
+    key_id: int
     operation: str
     model: str
+    client_ref: str | None
     input_width: int
     input_height: int
     output_width: int
     output_height: int
     credits: int
+    price_version: str
     duration_ms: int
     created_at: datetime
 
@@ -42,24 +53,76 @@ class UsagePage(BaseModel):
     data: list[UsagePublic]
     limit: int
     offset: int
+    next_offset: int | None
 
 
-@router.get("/account", summary="The calling key and its remaining credits")
-async def account(key: ApiKeyDep) -> AccountPublic:
+class UsageGroupPublic(BaseModel):
+    group: str
+    calls: int
+    credits: int
+
+
+class UsageSummary(BaseModel):
+    group_by: str
+    data: list[UsageGroupPublic]
+    total_calls: int
+    total_credits: int
+
+
+def account_public(key: KeyInfo) -> AccountPublic:
     return AccountPublic(
         id=key.id,
         name=key.name,
         key_prefix=key.prefix,
         credits=key.credits,
+        scopes=list(key.scopes),
+        rate_limit=key.rate_limit,
+        monthly_cap=key.monthly_cap,
+        month_spent=key.month_spent,
+        expires_at=key.expires_at,
         created_at=key.created_at,
     )
 
 
+def naive_utc(value: datetime | None) -> datetime | None:
+    if value is None or value.tzinfo is None:
+        return value
+    return value.astimezone(UTC).replace(tzinfo=None)
+
+
+def visible_usage(key: KeyInfo, where: UsageFilter) -> UsageFilter:
+    """A top-level key sees its whole account (its sub-keys included); a sub-key only itself."""
+    if key.parent_key_id is None:
+        return replace(where, account_id=key.account_id)
+    return replace(where, account_id=key.account_id, key_id=key.id)
+
+
+def wants_csv(accept: str | None, fmt: str | None) -> bool:
+    return fmt == "csv" or (fmt is None and accept is not None and "text/csv" in accept)
+
+
+def usage_page(rows: list[UsageRow], *, limit: int, offset: int, csv: bool) -> UsagePage | Response:
+    """A page of usage rows as JSON, or all of them as CSV."""
+    if csv:
+        return Response(usage_store.usage_csv(rows), media_type="text/csv")
+    return UsagePage(
+        data=[UsagePublic(**asdict(r)) for r in rows],
+        limit=limit,
+        offset=offset,
+        next_offset=offset + limit if len(rows) == limit else None,
+    )
+
+
+@router.get("/account", summary="The calling key, its account's credits and its limits")
+async def account(key: ApiKeyDep) -> AccountPublic:
+    return account_public(key)
+
+
 @router.get(
     "/usage",
-    summary="The calling key's usage events, newest first (CSV with Accept: text/csv)",
+    summary="Usage events, newest first (CSV with Accept: text/csv or format=csv)",
     response_model=UsagePage,
-    responses={200: {"content": {"text/csv": {}}}},
+    responses=CSV_RESPONSES,
 )
 async def usage(
     key: ApiKeyDep,
@@ -67,27 +130,83 @@ async def usage(
     since: Annotated[datetime | None, Query(description="ISO 8601, inclusive, UTC")] = None,
     until: Annotated[datetime | None, Query(description="ISO 8601, exclusive, UTC")] = None,
     operation: Operation | None = None,
+    client_ref: Annotated[str | None, Query(description="the X-Client-Ref of the calls")] = None,
+    key_id: Annotated[int | None, Query(description="one key of the account (sub-keys)")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0)] = 0,
+    format: Annotated[str | None, Query(pattern="^(json|csv)$")] = None,
     accept: Annotated[str | None, Header(include_in_schema=False)] = None,
 ) -> UsagePage | Response:
-    rows = await run_in_threadpool(
-        lambda: metering.list_usage(
-            db,
-            key_id=key.id,
-            since=_naive_utc(since),
-            until=_naive_utc(until),
+    where = visible_usage(
+        key,
+        UsageFilter(
+            key_id=key_id,
+            since=naive_utc(since),
+            until=naive_utc(until),
             operation=operation,
-            limit=limit,
-            offset=offset,
-        )
+            client_ref=client_ref,
+        ),
     )
-    if accept and "text/csv" in accept:
-        return Response(metering.usage_csv(rows), media_type="text/csv")
-    return UsagePage(data=[UsagePublic(**asdict(r)) for r in rows], limit=limit, offset=offset)
+    rows = await run_in_threadpool(
+        lambda: usage_store.list_usage(db, where, limit=limit, offset=offset)
+    )
+    return usage_page(rows, limit=limit, offset=offset, csv=wants_csv(accept, format))
 
 
-def _naive_utc(value: datetime | None) -> datetime | None:
-    if value is None or value.tzinfo is None:
-        return value
-    return value.astimezone(UTC).replace(tzinfo=None)
+@router.get("/usage/summary", summary="Calls and credits grouped by day, operation or client")
+async def usage_summary(
+    key: ApiKeyDep,
+    db: DatabaseDep,
+    group_by: GroupBy = "day",
+    since: datetime | None = None,
+    until: datetime | None = None,
+    operation: Operation | None = None,
+    client_ref: str | None = None,
+) -> UsageSummary:
+    where = visible_usage(
+        key,
+        UsageFilter(
+            since=naive_utc(since),
+            until=naive_utc(until),
+            operation=operation,
+            client_ref=client_ref,
+        ),
+    )
+    groups = await run_in_threadpool(lambda: usage_store.summarize(db, where, group_by))
+    return UsageSummary(
+        group_by=group_by,
+        data=[UsageGroupPublic(**asdict(g)) for g in groups],
+        total_calls=sum(g.calls for g in groups),
+        total_credits=sum(g.credits for g in groups),
+    )
+
+
+@router.get(
+    "/statements/{month}",
+    summary="Monthly statement (YYYY-MM, UTC): every charged call, by operation and client",
+    response_model=UsageSummary,
+    responses=CSV_RESPONSES,
+)
+async def statement(
+    month: str,
+    key: ApiKeyDep,
+    db: DatabaseDep,
+    format: Annotated[str | None, Query(pattern="^(json|csv)$")] = None,
+    accept: Annotated[str | None, Header(include_in_schema=False)] = None,
+) -> UsageSummary | Response:
+    start, end = usage_store.month_bounds(month)
+    where = visible_usage(key, UsageFilter(since=start, until=end))
+    if wants_csv(accept, format):
+        rows = await run_in_threadpool(lambda: usage_store.list_usage(db, where, limit=1_000_000))
+        return Response(
+            usage_store.usage_csv(rows),
+            media_type="text/csv",
+            headers={"Content-Disposition": f'attachment; filename="imgsvc-{month}.csv"'},
+        )
+    groups = await run_in_threadpool(lambda: usage_store.summarize(db, where, "operation"))
+    return UsageSummary(
+        group_by="operation",
+        data=[UsageGroupPublic(**asdict(g)) for g in groups],
+        total_calls=sum(g.calls for g in groups),
+        total_credits=sum(g.credits for g in groups),
+    )

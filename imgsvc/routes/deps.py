@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
@@ -12,7 +13,7 @@ from imgsvc.billing.db import Database
 from imgsvc.billing.keys import KeyInfo
 from imgsvc.billing.pricing import PriceTable
 from imgsvc.config import Settings
-from imgsvc.errors import Unauthorized
+from imgsvc.errors import NotFound, Unauthorized
 from imgsvc.images import Limits
 from imgsvc.models.registry import Registry
 
@@ -66,3 +67,20 @@ async def _api_key(
 
 
 ApiKeyDep = Annotated[KeyInfo, Depends(_api_key)]
+
+
+async def _admin(
+    settings: SettingsDep,
+    authorization: Annotated[
+        str | None, Header(description="`Bearer <IMGSVC_ADMIN_TOKEN>`")
+    ] = None,
+) -> None:
+    token = settings.admin_token.get_secret_value() if settings.admin_token else ""
+    if not token:
+        raise NotFound("the admin API is disabled (set IMGSVC_ADMIN_TOKEN to enable it)")
+    scheme, _, value = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip(), token):
+        raise Unauthorized("admin endpoints need `Authorization: Bearer <IMGSVC_ADMIN_TOKEN>`")
+
+
+AdminDep = Depends(_admin)

@@ -1,10 +1,18 @@
-"""The metered call: reserve credits → run the engine off the event loop → capture or release."""
+"""The metered call, shared by every operation route:
+
+scope → rate limit → (dry run: quote) → Idempotency-Key → hold credits → run the engine off the
+event loop (heartbeating the hold) → capture the charge, or release it if anything failed.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Annotated
 
 import anyio
@@ -12,21 +20,26 @@ from fastapi import Query, Request, Response, UploadFile
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from imgsvc.billing import metering
+from imgsvc.billing import idempotency, metering
 from imgsvc.billing.db import Database
+from imgsvc.billing.idempotency import StoredResponse
 from imgsvc.billing.keys import KeyInfo
 from imgsvc.billing.metering import UsageRecord
 from imgsvc.billing.pricing import PriceTable
-from imgsvc.errors import PayloadTooLarge
+from imgsvc.billing.ratelimit import RateLimiter
+from imgsvc.config import Settings
+from imgsvc.errors import Forbidden, InvalidInput, PayloadTooLarge
 from imgsvc.images import MEDIA_TYPES, Limits, OutputFormat
 from imgsvc.models.registry import Operation, Registry
 
+MAX_CLIENT_REF = 100
 # OpenAPI description of an image response, shared by the operation routes.
 IMAGE_RESPONSES: dict[int | str, dict[str, object]] = {
     200: {
         "content": {mt: {} for mt in MEDIA_TYPES.values()},
         "description": "The result image. Headers: X-Request-Id, X-Credits-Charged, "
-        "X-Credits-Remaining, X-Model.",
+        "X-Credits-Remaining, X-Model, RateLimit, RateLimit-Policy. Send `Idempotency-Key` "
+        "to make retries safe and `X-Client-Ref` to tag the usage row.",
     }
 }
 
@@ -43,6 +56,7 @@ class EngineResult:
     headers: dict[str, str] = field(default_factory=dict)
     # Credits to charge when they differ from the reservation (e.g. 0 for a useless result).
     credits: int | None = None
+    media_type: str | None = None  # overrides the format's media type
 
 
 async def read_upload(upload: UploadFile, limits: Limits, what: str) -> bytes:
@@ -62,6 +76,27 @@ async def dry_run_param(
     request.state.dry_run = dry_run
 
 
+async def request_fingerprint(request: Request) -> str:
+    """What makes two requests "the same" for Idempotency-Key: method, path, query and every
+    form field (files by content), independent of the multipart boundary or field order."""
+    digest = hashlib.sha256(f"{request.method} {request.url.path}\n".encode())
+    for k, v in sorted(request.query_params.multi_items()):
+        digest.update(f"q:{k}={v}\n".encode())
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+        form = await request.form()
+        for name, value in sorted(form.multi_items(), key=lambda kv: kv[0]):
+            if isinstance(value, str):
+                digest.update(f"f:{name}={value}\n".encode())
+            else:
+                await value.seek(0)
+                content = hashlib.sha256(await value.read()).hexdigest()
+                digest.update(f"f:{name}=<file {content}>\n".encode())
+    else:
+        digest.update(await request.body())
+    return digest.hexdigest()
+
+
 async def metered_call(
     request: Request,
     *,
@@ -71,12 +106,24 @@ async def metered_call(
     output_size: tuple[int, int],
     work: Callable[[], EngineResult],
 ) -> Response:
-    """Charge `credits` for `work` only if it succeeds; a failure releases the reservation.
+    """Charge at most `credits` for `work`, only if it succeeds.
 
     Call it after all validation, with the price and output size known; with `?dry_run=true`
     it answers the quote instead of doing the work.
     """
-    prices: PriceTable = request.app.state.prices
+    state = request.app.state
+    settings: Settings = state.settings
+    db: Database = state.db
+    prices: PriceTable = state.prices
+    limiter: RateLimiter = state.rate_limiter
+    if not key.may(operation):
+        raise Forbidden(f"this key may not call {operation} (scopes: {' '.join(key.scopes)})")
+    rate = await run_in_threadpool(limiter.check, key.id, key.rate_limit)
+    request.state.extra_headers = rate.headers()
+    client_ref = request.headers.get("x-client-ref")
+    if client_ref is not None and not 0 < len(client_ref) <= MAX_CLIENT_REF:
+        raise InvalidInput(f"X-Client-Ref must be 1 to {MAX_CLIENT_REF} characters")
+
     if getattr(request.state, "dry_run", False):
         quote = {
             "operation": operation,
@@ -86,46 +133,107 @@ async def metered_call(
             "price_version": prices.version,
         }
         return JSONResponse(quote, headers={"X-Credits-Would-Charge": str(credits)})
-    db: Database = request.app.state.db
-    registry: Registry = request.app.state.registry
+
+    idem_key = request.headers.get("idempotency-key")
+    if idem_key is not None:
+        fingerprint = await request_fingerprint(request)
+        stored = await run_in_threadpool(
+            lambda: idempotency.begin(db, key_id=key.id, idem_key=idem_key, fingerprint=fingerprint)
+        )
+        if stored is not None:
+            return Response(
+                stored.body,
+                status_code=stored.status,
+                media_type=stored.media_type,
+                headers={**stored.headers, "Idempotent-Replayed": "true"},
+            )
+
+    ttl = timedelta(seconds=settings.hold_ttl_seconds)
     request_id: str = request.state.request_id
-    await run_in_threadpool(
-        metering.reserve, db, key_id=key.id, credits=credits, request_id=request_id
-    )
+    try:
+        hold_id = await run_in_threadpool(
+            lambda: metering.reserve(db, key=key, credits=credits, request_id=request_id, ttl=ttl)
+        )
+    except BaseException:
+        if idem_key is not None:
+            await _shielded(lambda: idempotency.abort(db, key_id=key.id, idem_key=idem_key))
+        raise
+
     started = time.perf_counter()
     try:
-        result = await registry.run(operation, work)
+        result = await _with_heartbeat(
+            request.app.state.registry, operation, work, db, hold_id, ttl
+        )
     except BaseException:
-        with anyio.CancelScope(shield=True):  # a client that hangs up still gets refunded
-            await run_in_threadpool(
-                metering.release,
-                db,
-                key_id=key.id,
-                credits=credits,
-                request_id=request_id,
-            )
+        # A failure, or a client that hung up: give the credits back whatever happens here.
+        await _shielded(lambda: metering.release(db, hold_id=hold_id))
+        if idem_key is not None:
+            await _shielded(lambda: idempotency.abort(db, key_id=key.id, idem_key=idem_key))
         raise
+
     usage = UsageRecord(
         operation=operation,
         model=result.model,
         input_size=result.input_size,
         output_size=result.output_size,
         duration_ms=round((time.perf_counter() - started) * 1000),
+        price_version=prices.version,
+        client_ref=client_ref,
     )
-    remaining = await run_in_threadpool(
-        metering.capture,
-        db,
-        key_id=key.id,
-        credits=credits,
-        request_id=request_id,
-        usage=usage,
+    charged, remaining = await run_in_threadpool(
+        lambda: metering.capture(
+            db,
+            hold_id=hold_id,
+            credits=credits if result.credits is None else result.credits,
+            key=key,
+            request_id=request_id,
+            usage=usage,
+        )
     )
     headers = {
-        "X-Credits-Charged": str(credits),
+        "X-Credits-Charged": str(charged),
         "X-Credits-Remaining": str(remaining),
         "X-Model": result.model,
         "X-Width": str(result.output_size[0]),
         "X-Height": str(result.output_size[1]),
         **result.headers,
+        **rate.headers(),
     }
-    return Response(result.body, media_type=MEDIA_TYPES[result.format], headers=headers)
+    media_type = result.media_type or MEDIA_TYPES[result.format]
+    if idem_key is not None:
+        stored_response = StoredResponse(200, headers, result.body, media_type)
+        await _shielded(
+            lambda: idempotency.complete(
+                db, key_id=key.id, idem_key=idem_key, response=stored_response
+            )
+        )
+    return Response(result.body, media_type=media_type, headers=headers)
+
+
+async def _with_heartbeat(
+    registry: Registry,
+    operation: Operation,
+    work: Callable[[], EngineResult],
+    db: Database,
+    hold_id: int,
+    ttl: timedelta,
+) -> EngineResult:
+    """Run `work`, extending the hold every ttl/3 so only a dead process lets it expire."""
+
+    async def beat() -> None:
+        while True:
+            await asyncio.sleep(ttl.total_seconds() / 3)
+            await run_in_threadpool(lambda: metering.extend(db, hold_id=hold_id, ttl=ttl))
+
+    heartbeat = asyncio.create_task(beat())
+    try:
+        return await registry.run(operation, work)
+    finally:
+        heartbeat.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await heartbeat
+
+
+async def _shielded(fn: Callable[[], object]) -> None:
+    with anyio.CancelScope(shield=True):
+        await run_in_threadpool(fn)

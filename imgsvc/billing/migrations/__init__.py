@@ -1,0 +1,1 @@
+"""Alembic migrations of the billing schema (run by `Database.migrate()`)."""

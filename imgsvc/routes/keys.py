@@ -1,0 +1,95 @@
+"""Reseller sub-keys: a key with the `keys:children` scope creates child keys that spend its
+account's credits, each with its own monthly cap, for invoicing the reseller's own clients."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Response
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+
+from imgsvc.billing import keys
+from imgsvc.billing import usage as usage_store
+from imgsvc.billing.keys import RESELLER_SCOPE, KeyInfo
+from imgsvc.billing.usage import UsageFilter
+from imgsvc.errors import Forbidden, NotFound
+from imgsvc.routes.account import (
+    CSV_RESPONSES,
+    AccountPublic,
+    UsagePage,
+    account_public,
+    usage_page,
+    wants_csv,
+)
+from imgsvc.routes.deps import ApiKeyDep, DatabaseDep
+
+router = APIRouter(prefix="/v1/keys", tags=["sub-keys"])
+
+
+class ChildKeyCreate(BaseModel):
+    name: str = Field(min_length=1, max_length=200, description="e.g. your client's name")
+    monthly_cap: int | None = Field(None, ge=0, description="credits per calendar month (UTC)")
+    scopes: list[str] | None = Field(None, description="operations; default: all of yours")
+
+
+class KeyCreated(BaseModel):
+    key: str = Field(description="the secret, shown only this once")
+    info: AccountPublic
+
+
+def _reseller(key: KeyInfo) -> KeyInfo:
+    if not key.may(RESELLER_SCOPE):
+        raise Forbidden(f"this key lacks the {RESELLER_SCOPE!r} scope")
+    return key
+
+
+@router.post("", status_code=201, summary="Create a sub-key (shown once)")
+async def create_child(body: ChildKeyCreate, key: ApiKeyDep, db: DatabaseDep) -> KeyCreated:
+    parent = _reseller(key)
+    info, secret = await run_in_threadpool(
+        lambda: keys.create_child_key(
+            db, parent, name=body.name, monthly_cap=body.monthly_cap, scopes=body.scopes
+        )
+    )
+    return KeyCreated(key=secret, info=account_public(info))
+
+
+@router.get("", summary="Your sub-keys with what each spent this month")
+async def list_children(key: ApiKeyDep, db: DatabaseDep) -> list[AccountPublic]:
+    parent = _reseller(key)
+    children = await run_in_threadpool(lambda: keys.list_keys(db, parent_key_id=parent.id))
+    return [account_public(c) for c in children if c.revoked_at is None]
+
+
+@router.delete("/{key_id}", summary="Revoke a sub-key at once")
+async def revoke_child(key_id: int, key: ApiKeyDep, db: DatabaseDep) -> AccountPublic:
+    parent = _reseller(key)
+    info = await run_in_threadpool(lambda: keys.revoke_key(db, key_id, parent_key_id=parent.id))
+    return account_public(info)
+
+
+@router.get(
+    "/{key_id}/usage",
+    summary="One sub-key's usage (CSV with Accept: text/csv or format=csv)",
+    response_model=UsagePage,
+    responses=CSV_RESPONSES,
+)
+async def child_usage(
+    key_id: int,
+    key: ApiKeyDep,
+    db: DatabaseDep,
+    limit: Annotated[int, Query(ge=1, le=100_000)] = 1000,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    format: Annotated[str | None, Query(pattern="^(json|csv)$")] = None,
+    accept: Annotated[str | None, Header(include_in_schema=False)] = None,
+) -> UsagePage | Response:
+    parent = _reseller(key)
+    children = await run_in_threadpool(lambda: keys.list_keys(db, parent_key_id=parent.id))
+    if key_id not in {c.id for c in children}:
+        raise NotFound(f"no sub-key with id {key_id}")
+    where = UsageFilter(account_id=parent.account_id, key_id=key_id)
+    rows = await run_in_threadpool(
+        lambda: usage_store.list_usage(db, where, limit=limit, offset=offset)
+    )
+    return usage_page(rows, limit=limit, offset=offset, csv=wants_csv(accept, format))
