@@ -15,7 +15,7 @@ from PIL import Image
 
 from imgsvc.errors import InvalidInput, ModelUnavailable
 from imgsvc.models.device import DeviceSpec
-from imgsvc.models.diffusion import DiffusionInpaintEngine, find_pipelines, working_size
+from imgsvc.models.diffusion import SCHEDULERS, DiffusionInpaintEngine, find_pipelines
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
@@ -106,7 +106,7 @@ def test_engine_loads(engine: DiffusionInpaintEngine) -> None:
 
 def test_inpaint_keeps_outside_and_changes_inside(engine: DiffusionInpaintEngine) -> None:
     image, mask = _image(), _mask()
-    out = engine.inpaint(image, mask, seed=0, **INPAINT_ARGS)
+    out = engine.inpaint(image, engine.plan(mask), seed=0, **INPAINT_ARGS)
     assert out.mode == "RGB"
     assert out.size == (W, H)
     src, dst = np.asarray(image), np.asarray(out)
@@ -117,47 +117,71 @@ def test_inpaint_keeps_outside_and_changes_inside(engine: DiffusionInpaintEngine
 
 
 def test_same_seed_same_bytes_other_seed_differs(engine: DiffusionInpaintEngine) -> None:
-    image, mask = _image(), _mask()
-    first = engine.inpaint(image, mask, seed=42, **INPAINT_ARGS).tobytes()
-    again = engine.inpaint(image, mask, seed=42, **INPAINT_ARGS).tobytes()
-    other = engine.inpaint(image, mask, seed=43, **INPAINT_ARGS).tobytes()
+    image, plan = _image(), engine.plan(_mask())
+    first = engine.inpaint(image, plan, seed=42, **INPAINT_ARGS).tobytes()
+    again = engine.inpaint(image, plan, seed=42, **INPAINT_ARGS).tobytes()
+    other = engine.inpaint(image, plan, seed=43, **INPAINT_ARGS).tobytes()
     assert first == again
     assert first != other
 
 
 def test_concurrent_calls_are_serialised(engine: DiffusionInpaintEngine) -> None:
-    image, mask = _image(), _mask()
-    expected = [engine.inpaint(image, mask, seed=s, **INPAINT_ARGS).tobytes() for s in (1, 2, 3)]
+    image, plan = _image(), engine.plan(_mask())
+    expected = [engine.inpaint(image, plan, seed=s, **INPAINT_ARGS).tobytes() for s in (1, 2, 3)]
     with ThreadPoolExecutor(max_workers=3) as pool:
         futures = [
-            pool.submit(engine.inpaint, image, mask, seed=s, **INPAINT_ARGS) for s in (1, 2, 3)
+            pool.submit(engine.inpaint, image, plan, seed=s, **INPAINT_ARGS) for s in (1, 2, 3)
         ]
         got = [f.result().tobytes() for f in futures]
     assert got == expected
 
 
-def test_empty_mask_returns_input(engine: DiffusionInpaintEngine) -> None:
-    image = _image()
-    out = engine.inpaint(image, Image.new("L", (W, H), 0), seed=0, **INPAINT_ARGS)
-    assert out.tobytes() == image.tobytes()
+def test_every_scheduler_runs_and_is_deterministic(engine: DiffusionInpaintEngine) -> None:
+    image, plan = _image(), engine.plan(_mask())
+    outputs = set()
+    for name in SCHEDULERS:
+        first = engine.inpaint(image, plan, seed=5, scheduler=name, **INPAINT_ARGS).tobytes()
+        again = engine.inpaint(image, plan, seed=5, scheduler=name, **INPAINT_ARGS).tobytes()
+        assert first == again, name
+        outputs.add(first)
+    assert len(outputs) > 1  # the scheduler option does change the sampler
+    default = engine.inpaint(image, plan, seed=5, **INPAINT_ARGS).tobytes()
+    assert (
+        default == engine.inpaint(image, plan, seed=5, scheduler="pndm", **INPAINT_ARGS).tobytes()
+    )
+
+
+def test_empty_mask_is_invalid_input(engine: DiffusionInpaintEngine) -> None:
+    with pytest.raises(InvalidInput, match="empty"):
+        engine.plan(Image.new("L", (W, H), 0))
 
 
 def test_mask_size_mismatch_is_invalid_input(engine: DiffusionInpaintEngine) -> None:
+    plan = engine.plan(Image.new("L", (W + 8, H), 255))
     with pytest.raises(InvalidInput):
-        engine.inpaint(_image(), Image.new("L", (W + 8, H), 255), seed=0, **INPAINT_ARGS)
+        engine.inpaint(_image(), plan, seed=0, **INPAINT_ARGS)
 
 
 def test_too_few_effective_steps_is_invalid_input(engine: DiffusionInpaintEngine) -> None:
     args = {**INPAINT_ARGS, "steps": 2, "strength": 0.3}
     with pytest.raises(InvalidInput):
-        engine.inpaint(_image(), _mask(), seed=0, **args)
+        engine.inpaint(_image(), engine.plan(_mask()), seed=0, **args)
 
 
-def test_working_size() -> None:
-    assert working_size(96, 72, 64) == (64, 48)
-    assert working_size(1024, 768, 512) == (512, 384)
-    assert working_size(100, 60, 512) == (104, 64)  # not scaled, only rounded to 8
-    assert working_size(3, 700, 512) == (8, 512)
+def test_prompt_over_the_token_limit_is_invalid_input(engine: DiffusionInpaintEngine) -> None:
+    with pytest.raises(InvalidInput, match="tokens"):
+        engine.check(prompt="red " * 80, negative_prompt=None, steps=2, strength=1.0)
+    engine.check(prompt="the and " * 10, negative_prompt="the " * 30, steps=2, strength=1.0)
+
+
+def test_plan_works_at_native_size_around_the_mask(engine: DiffusionInpaintEngine) -> None:
+    mask = Image.new("L", (1000, 700), 0)
+    mask.paste(255, (600, 300, 640, 330))
+    plan = engine.plan(mask)
+    left, top, right, bottom = plan.box
+    assert left <= 600 and top <= 300 and right >= 640 and bottom >= 330
+    assert (right - left) * (bottom - top) < 1000 * 700 // 20  # a crop, not the image
+    assert max(plan.work_size) == engine.native_size
 
 
 def test_folder_without_pipeline_is_unavailable(tmp_path: Path) -> None:

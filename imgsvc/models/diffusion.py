@@ -1,14 +1,17 @@
 """Prompt-guided inpainting with a local diffusers pipeline (PIL in, PIL out; no HTTP here).
 
-Pipelines live in `<weights_dir>/diffusers/<name>/`, each a diffusers folder with a
+Pipelines live in `<weights_dir>/diffusers/`: either a folder `<name>/` with a
 `model_index.json` (what `pipeline.save_pretrained(...)` writes, or a Hub snapshot of e.g.
-`stable-diffusion-v1-5/stable-diffusion-inpainting`). Weights must be `.safetensors`; pickled
-`.bin` weights are refused. Loading never contacts the Hugging Face Hub: only existing local
-folders are passed to diffusers, always with `local_files_only=True`.
+`stable-diffusion-v1-5/stable-diffusion-inpainting`; SD 1.5/2 and SDXL inpainting, the class
+picked by `AutoPipelineForInpainting`), or a single-file checkpoint `<name>.safetensors`
+(`imgsvc.models.single_file`). Weights must be `.safetensors`; pickled `.bin` weights are
+refused. Loading never contacts the Hugging Face Hub: only existing local paths are passed to
+diffusers, always with `local_files_only=True`.
 
-The engine runs the model at the pipeline's native resolution (at most, keeping the aspect
-ratio, multiples of 8), scales the result back and composites it into the original with the mask,
-so every pixel where the mask is 0 is returned bit-identical to the input.
+The engine works on a padded crop around the mask (`imgsvc.models.region`) scaled to the
+pipeline's native resolution, scales the result back and blends it in with the blend mask, so
+images of any size work with bounded memory and every pixel outside the mask is returned
+bit-identical. On CUDA it runs in fp16/bf16 with SDPA attention and channels-last memory.
 
 torch and diffusers are imported lazily: importing this module is cheap.
 """
@@ -21,10 +24,10 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from PIL import Image
 
 from imgsvc.errors import InvalidInput, ModelUnavailable, ServiceError
+from imgsvc.models import region, single_file
 from imgsvc.models.device import DeviceSpec
 
 if TYPE_CHECKING:
@@ -34,62 +37,39 @@ PIPELINES_SUBDIR = "diffusers"
 MODEL_INDEX = "model_index.json"
 #: Working size when the pipeline does not say (Stable Diffusion 1.x: 64 latent px * 8).
 DEFAULT_NATIVE_SIZE = 512
+#: `scheduler` option → diffusers class and the settings that make it the A1111 sampler.
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "pndm": ("PNDMScheduler", {}),
+    "ddim": ("DDIMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
 
 
 def find_pipelines(weights_dir: Path) -> dict[str, Path]:
-    """Every `weights_dir/diffusers/<name>/` that holds a `model_index.json`, by name (sorted).
+    """Pipeline folders (`diffusers/<name>/` with a `model_index.json`) and single-file
+    checkpoints (`diffusers/<name>.safetensors`) by name, sorted; a folder wins a name clash.
 
-    Only the presence of `model_index.json` is checked; whether the weights load is found out by
+    Only their presence is checked; whether the weights load is found out by
     `DiffusionInpaintEngine`. A missing `diffusers/` folder gives an empty dict.
     """
     root = Path(weights_dir) / PIPELINES_SUBDIR
     if not root.is_dir():
         return {}
-    found = {
-        entry.name: entry
+    found = single_file.find_checkpoints(weights_dir)
+    found.update(
+        (entry.name, entry)
         for entry in root.iterdir()
-        if not entry.name.startswith(".") and entry.is_dir() and (entry / MODEL_INDEX).is_file()
-    }
+        if not entry.name.startswith(".")
+        and not entry.name.endswith(single_file.CONFIG_SUFFIX)  # a single file's configs
+        and entry.is_dir()
+        and (entry / MODEL_INDEX).is_file()
+    )
     return dict(sorted(found.items()))
-
-
-def working_size(width: int, height: int, native: int) -> tuple[int, int]:
-    """The size the model runs at: longer side at most `native`, aspect kept, multiples of 8.
-
-    Images are never upscaled (a side below 8 px becomes 8).
-    """
-    if width < 1 or height < 1:
-        raise InvalidInput(f"image must be at least 1x1 pixels, got {width}x{height}")
-    limit = max(8, native // 8 * 8)
-    scale = min(1.0, limit / max(width, height))
-
-    def to_multiple_of_8(side: int) -> int:
-        return min(limit, max(8, int(side * scale / 8 + 0.5) * 8))
-
-    return to_multiple_of_8(width), to_multiple_of_8(height)
-
-
-def composite(original: Image.Image, result: Image.Image, mask: Image.Image) -> Image.Image:
-    """`original` where mask==0, `result` where mask==255, linearly blended in between.
-
-    All three must have the same size; `original`/`result` RGB, `mask` L. Exact at 0 and 255:
-    (o*(255-m) + r*m + 127) // 255 is o for m=0 and r for m=255.
-    """
-    o = np.asarray(original, dtype=np.uint32)
-    r = np.asarray(result, dtype=np.uint32)
-    m = np.asarray(mask, dtype=np.uint32)[..., None]
-    out = (o * (255 - m) + r * m + 127) // 255
-    return Image.fromarray(out.astype(np.uint8), mode="RGB")
-
-
-def _coverage_mask(mask: Image.Image, size: tuple[int, int]) -> Image.Image:
-    """Downscale an L mask so that every working pixel touched by the mask is fully repainted.
-
-    The pipeline binarises its mask at 0.5; a plain resize would drop thin strokes and leave the
-    composite blending in a VAE reconstruction instead of generated content.
-    """
-    small = mask if mask.size == size else mask.resize(size, Image.Resampling.BILINEAR)
-    return small.point(lambda v: 255 if v > 0 else 0)
 
 
 def _native_size(pipe: Any) -> int:
@@ -123,21 +103,34 @@ def _torch_dtype(device: DeviceSpec) -> torch.dtype:
 
 
 class DiffusionInpaintEngine:
-    """One loaded inpainting pipeline; `inpaint` is safe to call from several threads (serialised).
+    """One loaded inpainting pipeline; `inpaint` may be called from several threads.
 
-    Construction loads the weights once (seconds to minutes for real models); raises
-    `ModelUnavailable` naming the folder when it holds no loadable pipeline.
+    Pipeline calls are serialised by `lock` (shared by every engine on the device, so one model
+    call runs at a time per device). Construction loads the weights once (seconds to minutes for
+    real models); raises `ModelUnavailable` naming the path when it holds no loadable pipeline.
     """
 
-    def __init__(self, folder: Path, device: DeviceSpec) -> None:
-        self.folder = Path(folder)
-        self.name = self.folder.name
+    def __init__(
+        self,
+        path: Path,
+        device: DeviceSpec,
+        *,
+        lock: threading.Lock | None = None,
+        compile_unet: bool = False,
+    ) -> None:
+        self.folder = Path(path)
+        self.name = self.folder.stem if self.folder.is_file() else self.folder.name
         self.device = device
-        self._lock = threading.Lock()
-        model_index = self._read_model_index()
-        self._pipe = self._load(model_index)
+        self._lock = lock or threading.Lock()
+        if self.folder.is_file():
+            pipe = single_file.load_pipeline(self.folder, dtype=_torch_dtype(device))
+            self._pipe = self._to_device(pipe, compile_unet)
+        else:
+            self._pipe = self._to_device(self._load(self._read_model_index()), compile_unet)
         self.pipeline_class: str = type(self._pipe).__name__
         self.native_size: int = _native_size(self._pipe)
+        self._default_scheduler: Any = self._pipe.scheduler
+        self._schedulers: dict[str, Any] = {}
 
     def _read_model_index(self) -> dict[str, Any]:
         index = self.folder / MODEL_INDEX
@@ -177,9 +170,7 @@ class DiffusionInpaintEngine:
             kwargs["safety_checker"] = None
             kwargs["requires_safety_checker"] = False
         try:
-            # Attention uses torch SDPA (diffusers' default processor on torch >= 2).
-            pipe = diffusers.AutoPipelineForInpainting.from_pretrained(str(self.folder), **kwargs)
-            pipe = pipe.to(self.device.device)
+            return diffusers.AutoPipelineForInpainting.from_pretrained(str(self.folder), **kwargs)
         except ServiceError:
             raise
         except Exception as exc:  # OSError (missing files), ValueError (unknown class), OOM...
@@ -188,18 +179,68 @@ class DiffusionInpaintEngine:
                 f"({model_index.get('_class_name')}): {exc} "
                 "(each component folder needs its config and .safetensors weights)"
             ) from exc
+
+    def _to_device(self, pipe: Any, compile_unet: bool) -> Any:
+        """Move to the device; on CUDA use channels-last memory and optionally torch.compile.
+
+        Attention already uses torch's SDPA (diffusers' default processor on torch >= 2).
+        """
+        import torch
+
+        try:
+            pipe = pipe.to(self.device.device)
+        except Exception as exc:  # CUDA OOM, driver errors
+            raise ModelUnavailable(
+                f"cannot move {self.name} to {self.device.device}: {exc}"
+            ) from exc
+        if self.device.is_cuda:
+            pipe.unet.to(memory_format=torch.channels_last)
+            pipe.vae.to(memory_format=torch.channels_last)
+            if compile_unet:
+                pipe.unet = torch.compile(pipe.unet, mode="max-autotune", fullgraph=True)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
-    def work_pixels(self, size: tuple[int, int]) -> int:
-        """Pixels the model runs on for an image of `size` (what prompt inpainting is priced by)."""
-        w, h = working_size(size[0], size[1], self.native_size)
-        return w * h
+    # -- validation and planning: cheap, before any credit is reserved -------------------------
+    def check(
+        self, *, prompt: str, negative_prompt: str | None, steps: int, strength: float
+    ) -> None:
+        """Refuse (InvalidInput) what the pipeline would reject or silently truncate."""
+        if int(steps * strength) < 1:
+            raise InvalidInput(
+                f"steps * strength must be at least 1 (got steps={steps}, strength={strength})"
+            )
+        tokenizer = getattr(self._pipe, "tokenizer", None)
+        if tokenizer is None:
+            return
+        limit = int(tokenizer.model_max_length)
+        for what, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+            if text:
+                count = len(tokenizer(text, truncation=False, verbose=False).input_ids)
+                if count > limit:
+                    raise InvalidInput(
+                        f"{what} is {count - 2} tokens; {self.name} reads at most {limit - 2} "
+                        "(the rest would be silently dropped): shorten it"
+                    )
+
+    def plan(self, alpha: Image.Image) -> region.CropPlan:
+        """The crop around `alpha` (the blend mask) and the native working size for it."""
+        return region.plan(alpha, self.native_size)
+
+    def _scheduler(self, name: str | None) -> Any:
+        if name is None:
+            return self._default_scheduler
+        if name not in self._schedulers:
+            diffusers: Any = importlib.import_module("diffusers")
+            class_name, extra = SCHEDULERS[name]
+            cls = getattr(diffusers, class_name)
+            self._schedulers[name] = cls.from_config(self._default_scheduler.config, **extra)
+        return self._schedulers[name]
 
     def inpaint(
         self,
         image: Image.Image,
-        mask: Image.Image,
+        plan: region.CropPlan,
         *,
         prompt: str,
         negative_prompt: str | None,
@@ -207,43 +248,33 @@ class DiffusionInpaintEngine:
         steps: int,
         guidance_scale: float,
         strength: float,
+        scheduler: str | None = None,
     ) -> Image.Image:
-        """Repaint the white part of `mask` (L, same size as `image`) following `prompt`.
+        """Repaint the white part of `plan.alpha` following `prompt`.
 
-        Returns an RGB image of the input's size; pixels where the mask is 0 are the input's,
-        bit for bit. The same arguments on the same device give identical output.
+        Returns an image of the input's size and mode; pixels where the blend mask is 0 are the
+        input's, bit for bit. The same arguments on the same device give identical output.
         """
-        if mask.size != image.size:
+        if plan.alpha.size != image.size:
             raise InvalidInput(
-                f"mask size {mask.size[0]}x{mask.size[1]} differs from image size "
+                f"mask size {plan.alpha.size[0]}x{plan.alpha.size[1]} differs from image size "
                 f"{image.size[0]}x{image.size[1]}"
             )
-        if int(steps * strength) < 1:
-            raise InvalidInput(
-                f"steps * strength must be at least 1 (got steps={steps}, strength={strength})"
-            )
-        original = image.convert("RGB")
-        mask_l = mask.convert("L")
-        if mask_l.getbbox() is None:  # nothing to repaint
-            return original
-
-        work = working_size(original.width, original.height, self.native_size)
-        small_image = (
-            original if original.size == work else original.resize(work, Image.Resampling.LANCZOS)
-        )
-        small_mask = _coverage_mask(mask_l, work)
+        self.check(prompt=prompt, negative_prompt=negative_prompt, steps=steps, strength=strength)
+        work_image, work_mask = region.crop(image, plan)
 
         import torch
 
         with self._lock:
+            self._pipe.scheduler = self._scheduler(scheduler)
             generator = torch.Generator(device=self.device.device).manual_seed(seed)
             output = self._pipe(
                 prompt=prompt,
                 negative_prompt=negative_prompt,
-                image=small_image,
-                mask_image=small_mask,
-                height=work[1],
-                width=work[0],
+                image=work_image,
+                mask_image=work_mask,
+                height=plan.work_size[1],
+                width=plan.work_size[0],
                 num_inference_steps=steps,
                 guidance_scale=guidance_scale,
                 strength=strength,
@@ -251,7 +282,4 @@ class DiffusionInpaintEngine:
                 num_images_per_prompt=1,
                 output_type="pil",
             )
-        result: Image.Image = output.images[0].convert("RGB")
-        if result.size != original.size:
-            result = result.resize(original.size, Image.Resampling.LANCZOS)
-        return composite(original, result, mask_l)
+        return region.paste_back(image, plan, output.images[0])

@@ -1,22 +1,53 @@
-"""Object erase without weights: OpenCV's Telea inpainting. Pixels outside the mask are kept."""
+"""Object erase without a prompt: the engine interface, and OpenCV's weight-free fill.
+
+An eraser fills the white part of the blend mask from its surroundings, working on a crop
+around the mask (`imgsvc.models.region`), so pixels outside the mask are returned bit-identical.
+LaMa (`imgsvc.models.lama`) is used instead when its weights are installed.
+"""
 
 from __future__ import annotations
+
+from typing import Literal, Protocol
 
 import numpy as np
 from PIL import Image
 
+from imgsvc.models import region
+
 NAME = "opencv-telea"
+NAMES: dict[str, Literal["telea", "ns"]] = {"opencv-telea": "telea", "opencv-ns": "ns"}
+#: Crops with a longer side above this are filled at this size and scaled back.
+MAX_SIDE = 2048
 
 
-def erase(img: Image.Image, mask: Image.Image, *, radius: int = 5) -> Image.Image:
-    """Fill the white area of `mask` (mode L, same size) from its surroundings."""
-    import cv2
+class Eraser(Protocol):
+    """What the inpaint route needs from an erase engine."""
 
-    rgb = np.asarray(img.convert("RGB"))
-    hole = np.asarray(mask) > 127
-    filled = cv2.inpaint(rgb, hole.astype(np.uint8) * 255, radius, cv2.INPAINT_TELEA)
-    out = np.where(hole[..., None], filled, rgb).astype(np.uint8)
-    result = Image.fromarray(out, "RGB")
-    if img.mode == "RGBA":
-        result.putalpha(img.getchannel("A"))
-    return result
+    name: str
+
+    def plan(self, alpha: Image.Image) -> region.CropPlan: ...
+
+    def erase(self, image: Image.Image, plan: region.CropPlan) -> Image.Image: ...
+
+
+class OpenCVEraser:
+    """OpenCV's Telea (fast marching) or Navier-Stokes inpainting; needs no weights."""
+
+    def __init__(self, name: str = NAME, *, radius: int = 5) -> None:
+        self.name = name
+        self._method = NAMES[name]
+        self._radius = radius
+
+    def plan(self, alpha: Image.Image) -> region.CropPlan:
+        full = region.plan(alpha, None)
+        if max(full.work_size) <= MAX_SIDE:
+            return full
+        return region.plan(alpha, MAX_SIDE, upscale=False)
+
+    def erase(self, image: Image.Image, plan: region.CropPlan) -> Image.Image:
+        import cv2
+
+        rgb, hole = region.crop(image, plan)
+        flag = cv2.INPAINT_TELEA if self._method == "telea" else cv2.INPAINT_NS
+        filled = cv2.inpaint(np.asarray(rgb), np.asarray(hole), self._radius, flag)
+        return region.paste_back(image, plan, Image.fromarray(filled, "RGB"))
