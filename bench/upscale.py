@@ -1,0 +1,190 @@
+"""Upscaling speed: our torch path vs ncnn on the original Real-ESRGAN files, side by side.
+
+CPU (default): the same 128x128 crop of a real photo, the same thread count, median of N runs
+(after one warm-up) for
+  - torch plain: the spandrel model as loaded, fp32, contiguous (the PERF-NOTES baseline),
+  - ours: `Upscaler.stream` as the service runs it (channels_last, inference mode, tiling),
+  - ncnn: the `ncnn` package running weights/ncnn/*.param/.bin with its default CPU options.
+GPU (`--gpu`, needs CUDA): x4plus on a 512x512 input in fp16 and bf16, megapixels per second
+and the share of the H200's ~790 dense fp16/bf16 TFLOP/s this reaches (35.9 MFLOP per px).
+
+    python bench/upscale.py            # full CPU run (about a minute on 2 cores)
+    python bench/upscale.py --quick    # smoke run, a few seconds
+    python bench/upscale.py --gpu      # GPU section
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from imgsvc.models.device import DeviceSpec
+from imgsvc.models.tiling import ArraySink
+from imgsvc.models.upscale import Upscaler
+
+REPO = Path(__file__).resolve().parents[1]
+WEIGHTS = REPO / "weights"
+PHOTO = REPO / "tests" / "data" / "car.jpg"
+NCNN_STEMS = {
+    "realesrgan-x4plus": "realesrgan-x4plus",
+    "realesrgan-x4plus-anime": "realesrgan-x4plus-anime",
+    "realesr-animevideov3": "realesr-animevideov3-x4",
+}
+X4PLUS_FLOP_PER_PIXEL = 35.9e6
+H200_TFLOPS = 790.0
+
+
+def median_seconds(fn: Callable[[], object], runs: int) -> float:
+    fn()  # warm-up (allocator, oneDNN primitive cache)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def crop(size: int) -> Image.Image:
+    return Image.open(PHOTO).convert("RGB").crop((100, 100, 100 + size, 100 + size))
+
+
+def torch_plain(name: str, img: Image.Image) -> Callable[[], object]:
+    from spandrel import ModelLoader
+
+    model = ModelLoader().load_from_file(WEIGHTS / "upscale" / f"{name}.safetensors").model
+    model = model.eval().float()
+    x = torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].float() / 255.0
+
+    def call() -> object:
+        with torch.no_grad():
+            return model(x)
+
+    return call
+
+
+def ours(
+    name: str, img: Image.Image, *, compile: bool = False, cpu_bf16: bool = True
+) -> Callable[[], object]:
+    path = WEIGHTS / "upscale" / f"{name}.safetensors"
+    spec = DeviceSpec("cpu", None)
+    up = Upscaler(name, path, spec, tile=256, compile=compile, cpu_bf16=cpu_bf16)
+    print(f"  ({name}: ours runs in {up.dtype}, compile={compile})", flush=True)
+
+    def call() -> object:
+        w, h = up.native_size(img.size)
+        sink = ArraySink(h, w, 3)
+        up.stream(img, sink)
+        return sink.array
+
+    return call
+
+
+def ncnn_run(name: str, img: Image.Image, threads: int) -> Callable[[], object]:
+    import ncnn
+
+    net = ncnn.Net()
+    net.opt.use_vulkan_compute = False
+    net.opt.num_threads = threads
+    stem = NCNN_STEMS[name]
+    assert net.load_param(str(WEIGHTS / "ncnn" / f"{stem}.param")) == 0
+    assert net.load_model(str(WEIGHTS / "ncnn" / f"{stem}.bin")) == 0
+    x = np.ascontiguousarray((np.asarray(img, dtype=np.float32) / 255.0).transpose(2, 0, 1))
+
+    def call() -> object:
+        extractor = net.create_extractor()
+        extractor.input("data", ncnn.Mat(x))
+        ret, out = extractor.extract("output")
+        assert ret == 0
+        return np.array(out)
+
+    return call
+
+
+def cpu(models: list[str], size: int, runs: int, threads: int, *, with_compile: bool) -> None:
+    torch.set_num_threads(threads)
+    img = crop(size)
+    mp = size * size / 1e6
+    print(
+        f"CPU, {threads} threads, {size}x{size} input, median of {runs} (torch {torch.__version__})"
+    )
+    print(
+        "| model | torch plain fp32 | ours fp32 | ours | ours + torch.compile | ncnn "
+        "| ours vs ncnn | ours s per input MP |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for name in models:
+        plain = median_seconds(torch_plain(name, img), runs)
+        fp32 = median_seconds(ours(name, img, cpu_bf16=False), runs)
+        mine = median_seconds(ours(name, img), runs)
+        compiled = median_seconds(ours(name, img, compile=with_compile), runs)
+        reference = median_seconds(ncnn_run(name, img, threads), runs)
+        print(
+            f"| {name} | {plain:.3f} s | {fp32:.3f} s | {mine:.3f} s | {compiled:.3f} s "
+            f"| {reference:.3f} s | {reference / mine:.2f}x | {mine / mp:.1f} |",
+            flush=True,
+        )
+
+
+def gpu(runs: int) -> None:
+    if not torch.cuda.is_available():
+        raise SystemExit("--gpu needs a CUDA device")
+    name = "realesrgan-x4plus"
+    size = 512
+    print(f"GPU {torch.cuda.get_device_name()}, {name}, {size}x{size} input, median of {runs}")
+    print("| dtype | model pass | MP/s | TFLOP/s | share of 790 TFLOP/s | end to end |")
+    print("|---|---|---|---|---|---|")
+    img = crop(size)
+    x: Any = torch.from_numpy(np.array(img)).cuda().permute(2, 0, 1)[None].float() / 255.0
+    for dtype in ("float16", "bfloat16"):
+        spec = DeviceSpec("cuda", dtype)  # type: ignore[arg-type]
+        up = Upscaler(name, WEIGHTS / "upscale" / f"{name}.safetensors", spec, tile=size)
+
+        def model_pass(up: Upscaler = up) -> object:
+            y = up.forward(x)
+            torch.cuda.synchronize()
+            return y
+
+        def end_to_end(up: Upscaler = up) -> object:
+            sink = ArraySink(size * 4, size * 4, 3)
+            up.stream(img, sink, tile=size)
+            return sink.array
+
+        with torch.inference_mode():
+            seconds = median_seconds(model_pass, runs)
+        total = median_seconds(end_to_end, runs)
+        tflops = X4PLUS_FLOP_PER_PIXEL * size * size / seconds / 1e12
+        print(
+            f"| {dtype} (ran as {str(up.dtype).removeprefix('torch.')}) | {seconds * 1e3:.1f} ms "
+            f"| {size * size / 1e6 / seconds:.1f} | {tflops:.0f} | {tflops / H200_TFLOPS:.0%} "
+            f"| {total * 1e3:.1f} ms |",
+            flush=True,
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="smoke run: animevideov3, 64 px")
+    parser.add_argument("--gpu", action="store_true", help="the GPU section (needs CUDA)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    if args.gpu:
+        gpu(args.runs)
+    elif args.quick:
+        cpu(["realesr-animevideov3"], 64, 1, args.threads, with_compile=False)
+    else:
+        cpu(list(NCNN_STEMS), 128, args.runs, args.threads, with_compile=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""What is in weights/upscale/: each file's native scale, architecture, size and version.
+
+Any `.pth`/`.safetensors` spandrel can load is offered under its file name. Files are inspected
+once (on CPU) and remembered by path, size and modification time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+# What a corrupt, truncated or foreign file makes torch / safetensors / spandrel raise.
+_LOAD_ERRORS = (ValueError, KeyError, TypeError, AttributeError, RuntimeError, OSError)
+SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt")
+# CPU seconds per input megapixel at the native scale, 2 threads, 128x128 input in one tile
+# (bench/upscale.py, 2026-11, on a 2-core AVX512-BF16 x86 machine), in the precision the service
+# picks there (animevideov3 runs in bf16: 2.9 s in fp32). Keyed by the weights' version (sha256
+# prefix). Tiled images cost up to ~1.3-1.9x more (each tile runs with extra context).
+CPU_SECONDS_PER_INPUT_MP = {
+    "f2661ad9dcc3": 89.0,  # realesrgan-x4plus
+    "4090b0cea6c8": 31.0,  # realesrgan-x4plus-anime
+    "15e90bcbbedc": 1.7,  # realesr-animevideov3
+}
+NOTES = {
+    "realesrgan-x4plus": "photos (default)",
+    "realesrgan-x4plus-anime": "illustrations",
+    "realesr-animevideov3": "fast, anime and video frames",
+}
+
+
+@dataclass(frozen=True)
+class UpscaleFile:
+    """One weight file in weights/upscale/ and what spandrel made of it."""
+
+    name: str
+    path: Path
+    size_bytes: int
+    version: str
+    scale: int | None
+    architecture: str | None
+    problem: str | None  # why it cannot be used, or None
+
+    @property
+    def cpu_seconds_per_input_mp(self) -> float | None:
+        return CPU_SECONDS_PER_INPUT_MP.get(self.version)
+
+    @property
+    def note(self) -> str:
+        if self.problem:
+            return self.problem
+        what = NOTES.get(self.name, "user-supplied")
+        return f"{self.architecture}, x{self.scale}: {what}"
+
+
+_cache: dict[tuple[Path, int, int], UpscaleFile] = {}
+_lock = threading.Lock()
+
+
+def list_files(folder: Path) -> dict[str, Path]:
+    if not folder.is_dir():
+        return {}
+    return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in SUFFIXES}
+
+
+def inspect(path: Path) -> UpscaleFile:
+    """Load `path` with spandrel on CPU (once per file version) and describe it."""
+    stat = path.stat()
+    key = (path.resolve(), stat.st_size, stat.st_mtime_ns)
+    with _lock:
+        if key not in _cache:
+            _cache[key] = _inspect(path, stat.st_size)
+        return _cache[key]
+
+
+def _sha256_prefix(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
+
+
+def _inspect(path: Path, size: int) -> UpscaleFile:
+    from spandrel import ImageModelDescriptor, ModelLoader, UnsupportedModelError
+
+    version = _sha256_prefix(path)
+    try:
+        descriptor = ModelLoader().load_from_file(path)
+    except (UnsupportedModelError, pickle.UnpicklingError, EOFError, *_LOAD_ERRORS) as exc:
+        why = f"spandrel cannot load {path.name}: {type(exc).__name__}"
+        return UpscaleFile(path.stem, path, size, version, None, None, why)
+    scale, arch = descriptor.scale, descriptor.architecture.name
+    problem: str | None = None
+    if not isinstance(descriptor, ImageModelDescriptor) or descriptor.purpose == "FaceSR":
+        problem = f"{path.name} ({arch}) is not a single-image upscaling model"
+    elif descriptor.input_channels != 3 or descriptor.output_channels != 3:
+        problem = f"{path.name} ({arch}) is not an RGB model"
+    return UpscaleFile(path.stem, path, size, version, scale, arch, problem)

@@ -1,0 +1,61 @@
+"""A PNG encoder fed row by row, so a huge image never has to exist in memory uncompressed.
+
+Rows use PNG's "Up" filter (difference to the row above, computed with numpy) and zlib level 1,
+like `images.encode` (which uses Pillow at compress_level=1).
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from typing import BinaryIO
+
+import numpy as np
+
+_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_COLOR_TYPES = {1: 0, 3: 2, 4: 6}  # channels -> PNG colour type (grey, RGB, RGBA)
+_UP = 2
+
+
+class PngStreamWriter:
+    """Write an 8-bit PNG of known size to `out` as its rows arrive (a `RowSink`)."""
+
+    def __init__(self, out: BinaryIO, width: int, height: int, channels: int) -> None:
+        if channels not in _COLOR_TYPES:
+            raise ValueError(f"PNG needs 1, 3 or 4 channels, not {channels}")
+        self._out = out
+        self._shape = (width, channels)
+        self._rows_left = height
+        self._zip = zlib.compressobj(1)
+        self._previous = np.zeros(width * channels, dtype=np.uint8)
+        header = struct.pack(">IIBBBBB", width, height, 8, _COLOR_TYPES[channels], 0, 0, 0)
+        out.write(_SIGNATURE)
+        self._chunk(b"IHDR", header)
+
+    def _chunk(self, kind: bytes, data: bytes) -> None:
+        crc = zlib.crc32(data, zlib.crc32(kind))
+        self._out.write(struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc))
+
+    def write(self, rows: np.ndarray) -> None:
+        width, channels = self._shape
+        if rows.dtype != np.uint8 or rows.shape[1:] != (width, channels):
+            raise ValueError(f"expected uint8 rows of shape (n, {width}, {channels})")
+        if rows.shape[0] > self._rows_left:
+            raise ValueError("more rows than the PNG header announced")
+        flat = rows.reshape(rows.shape[0], -1)
+        above = np.concatenate([self._previous[None], flat[:-1]])
+        filtered = np.empty((flat.shape[0], flat.shape[1] + 1), dtype=np.uint8)
+        filtered[:, 0] = _UP
+        np.subtract(flat, above, out=filtered[:, 1:])  # wraps modulo 256, as PNG wants
+        data = self._zip.compress(filtered.tobytes())
+        if data:
+            self._chunk(b"IDAT", data)
+        self._previous = flat[-1].copy()
+        self._rows_left -= rows.shape[0]
+
+    def close(self) -> None:
+        """Finish the file; every announced row must have been written."""
+        if self._rows_left:
+            raise ValueError(f"{self._rows_left} rows were never written")
+        self._chunk(b"IDAT", self._zip.flush())
+        self._chunk(b"IEND", b"")

@@ -1,0 +1,150 @@
+"""The upscale engine in-process: seams, alpha, precision fallback, sizes, tiling, PNG stream."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from imgsvc.errors import InvalidInput
+from imgsvc.models.device import DeviceSpec
+from imgsvc.models.tiling import ArraySink, FeatherBlender, tile_jobs
+from imgsvc.models.upscale import Upscaler, output_size
+from imgsvc.png_stream import PngStreamWriter
+from tests.upscale_helpers import LOGO_COLOUR, logo, psnr, save_tiny_compact
+from tests.utils import DATA
+
+CPU = DeviceSpec("cpu", None)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _threads() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def engine(weights: Path, name: str, tile: int = 256) -> Upscaler:
+    return Upscaler(name, weights / "upscale" / f"{name}.safetensors", CPU, tile=tile)
+
+
+def run(up: Upscaler, img: Image.Image, tile: int) -> np.ndarray:
+    w, h = up.native_size(img.size)
+    sink = ArraySink(h, w, 4 if img.mode == "RGBA" else 3)
+    up.stream(img, sink, tile=tile)
+    return sink.array
+
+
+@pytest.mark.parametrize("name", ["realesr-animevideov3", "realesrgan-x4plus"])
+def test_tiles_leave_no_seam(repo_weights: Path, name: str) -> None:
+    """The same 256x256 photo whole and in 64 px tiles: PSNR >= 45 dB."""
+    photo = Image.open(DATA / "car.jpg").convert("RGB").crop((100, 50, 356, 306))
+    up = engine(repo_weights, name)
+    whole = run(up, photo, tile=256)
+    tiled = run(up, photo, tile=64)
+    assert whole.shape == tiled.shape == (1024, 1024, 3)
+    value = psnr(whole, tiled)
+    print(f"{name}: whole vs 64 px tiles PSNR {value:.1f} dB")
+    assert value >= 45
+
+
+def test_blending_weights_sum_to_one() -> None:
+    """Constant tile outputs blend to exactly that constant: the ramps are a partition of 1."""
+    sink = ArraySink(4 * 150, 4 * 203, 1)
+    blender = FeatherBlender(150, 203, 1, scale=4, blend=8, sink=sink)
+    jobs = tile_jobs(150, 203, 48, 16, 8)
+    blender.run(jobs, lambda j: np.full((4 * (j.y.hi - j.y.lo), 4 * (j.x.hi - j.x.lo), 1), 77.0))
+    assert (sink.array == 77).all()
+
+
+def test_rgba_logo_stays_transparent_without_dark_fringe(repo_weights: Path) -> None:
+    img = logo(96)
+    out = np.asarray(engine(repo_weights, "realesr-animevideov3").upscale(img, (384, 384)))
+    assert out.shape == (384, 384, 4)
+    alpha_in = np.asarray(img)[..., 3]
+    # fully transparent in the input and more than 2 input px from any visible pixel
+    near = cv2.dilate((alpha_in > 0).astype(np.uint8), np.ones((5, 5), np.uint8))
+    far = np.kron(near == 0, np.ones((4, 4), dtype=bool))
+    assert far.sum() > 10_000
+    assert (out[..., 3][far] == 0).all()
+    edge = (out[..., 3] > 0) & (out[..., 3] < 255)
+    assert edge.sum() > 300
+    mean = out[..., :3][edge].astype(float).mean(axis=0)
+    print("edge colour", mean, "logo", LOGO_COLOUR)
+    colour = np.array(LOGO_COLOUR, dtype=float)
+    # no dark fringe: within 10 % of the logo colour (as a vector), each channel within 10 %
+    # of full scale; a fringe from black transparent pixels would pull all three down together
+    assert np.linalg.norm(mean - colour) <= 0.1 * np.linalg.norm(colour)
+    assert np.all(np.abs(mean - colour) <= 0.1 * 255)
+    assert mean.sum() >= 0.9 * colour.sum()
+
+
+def test_fp16_overflow_falls_back_to_fp32_for_good(tmp_path: Path) -> None:
+    """A model whose fp16 activations overflow (NaN) is switched to fp32 and stays there."""
+    path = save_tiny_compact(tmp_path / "hot.pth", gain=3000.0)
+    up = Upscaler("hot", path, DeviceSpec("cpu", "float16"), tile=32)
+    assert up.dtype == torch.float16
+    img = Image.open(DATA / "photo_crop.png").convert("RGB")
+    out = run(up, img, tile=32)
+    assert up.dtype == torch.float32
+    assert out.shape == (192, 256, 3) and out.max() > 0
+
+
+def test_split_forward_matches_one_pass(repo_weights: Path) -> None:
+    """The out-of-memory retry (quartered tiles with context) gives the same image."""
+    up = engine(repo_weights, "realesr-animevideov3")
+    rgb = np.asarray(Image.open(DATA / "photo_crop.png").convert("RGB"))
+    x = torch.from_numpy(rgb.copy()).permute(2, 0, 1)[None].float() / 255.0
+    with torch.inference_mode():
+        one = up.forward(x)
+        split = up.split_forward(x, 48)
+    assert one.shape == split.shape == (1, 3, 384, 512)
+    assert psnr(one.numpy() * 255, split.numpy() * 255) >= 50
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "size"),
+    [
+        ({"scale": None}, (400, 300)),
+        ({"scale": 1.5}, (150, 113)),
+        ({"scale": 8}, (800, 600)),
+        ({"target_width": 250}, (250, 188)),
+        ({"target_height": 600}, (800, 600)),
+        ({"target_width": 400, "target_height": 1000}, (400, 300)),
+    ],
+)
+def test_output_size(kwargs: dict[str, float | None], size: tuple[int, int]) -> None:
+    args: dict[str, float | None] = {"scale": None, "target_width": None, "target_height": None}
+    args.update(kwargs)
+    assert output_size(100, 75, **args) == size  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"target_width": 50}, {"target_width": 900}, {"scale": 2, "target_width": 200}],
+)
+def test_output_size_refusals(kwargs: dict[str, int]) -> None:
+    args: dict[str, int | None] = {"scale": None, "target_width": None, "target_height": None}
+    args.update(kwargs)
+    with pytest.raises(InvalidInput):
+        output_size(100, 75, **args)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("channels", [1, 3, 4])
+def test_png_stream_round_trips(channels: int) -> None:
+    rng = np.random.default_rng(channels)
+    pixels = rng.integers(0, 256, (37, 23, channels), dtype=np.uint8)
+    buf = io.BytesIO()
+    writer = PngStreamWriter(buf, 23, 37, channels)
+    for start in (0, 5, 6, 30):
+        writer.write(pixels[start : {0: 5, 5: 6, 6: 30, 30: 37}[start]])
+    writer.close()
+    back = np.asarray(Image.open(io.BytesIO(buf.getvalue())))
+    assert np.array_equal(back.reshape(pixels.shape), pixels)
