@@ -8,12 +8,14 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+import pillow_heif
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from imgsvc.errors import InvalidImage, PayloadTooLarge, UnsupportedMediaType
 
 OutputFormat = Literal["png", "webp", "jpg"]
-ACCEPTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF", "TIFF", "BMP", "MPO"})
+# HEIF = HEIC/HEIF phone photos (pillow-heif); AVIF is decoded by Pillow itself.
+ACCEPTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF", "TIFF", "BMP", "MPO", "HEIF", "AVIF"})
 MEDIA_TYPES: dict[str, str] = {
     "png": "image/png",
     "webp": "image/webp",
@@ -23,6 +25,8 @@ MEDIA_TYPES: dict[str, str] = {
 # We enforce our own pixel limit before decoding; Pillow's bomb check would only warn/raise later.
 Image.MAX_IMAGE_PIXELS = None
 _SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+SRGB_ICC: bytes = _SRGB.tobytes()
+pillow_heif.register_heif_opener()
 
 
 @dataclass(frozen=True)
@@ -41,7 +45,8 @@ def decode(data: bytes, limits: Limits, *, what: str = "image") -> Image.Image:
         img: Image.Image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise UnsupportedMediaType(
-            f"{what} is not a supported image (send JPEG, PNG, WebP, GIF, TIFF or BMP)"
+            f"{what} is not a supported image "
+            "(send JPEG, PNG, WebP, GIF, TIFF, BMP, HEIC/HEIF or AVIF)"
         ) from None
     if img.format not in ACCEPTED_FORMATS:
         raise UnsupportedMediaType(f"{what} format {img.format} is not supported")
@@ -86,20 +91,26 @@ def _to_srgb_8bit(img: Image.Image) -> Image.Image:
     return img
 
 
-def encode(img: Image.Image, fmt: OutputFormat, *, quality: int = 90) -> bytes:
-    """PIL image → bytes. JPEG has no alpha: transparent areas are flattened onto white."""
+def encode(
+    img: Image.Image, fmt: OutputFormat, *, quality: int = 90, srgb_profile: bool = False
+) -> bytes:
+    """PIL image → bytes. JPEG has no alpha: transparent areas are flattened onto white.
+
+    `srgb_profile` embeds the sRGB ICC profile (marketplaces that require tagged sRGB).
+    """
     buf = io.BytesIO()
+    icc = {"icc_profile": SRGB_ICC} if srgb_profile else {}
     if fmt == "png":
         # compress_level=1: 4x faster than Pillow's default 6 for ~18 % more bytes (PERF-NOTES).
-        img.save(buf, "PNG", compress_level=1)
+        img.save(buf, "PNG", compress_level=1, **icc)
     elif fmt == "webp":
-        img.save(buf, "WEBP", quality=quality, method=4)
+        img.save(buf, "WEBP", quality=quality, method=4, **icc)
     else:
         if img.mode in ("RGBA", "LA"):
             flat = Image.new("RGB", img.size, (255, 255, 255))
             flat.paste(img, mask=img.getchannel("A"))
             img = flat
-        img.convert("RGB").save(buf, "JPEG", quality=quality, optimize=False)
+        img.convert("RGB").save(buf, "JPEG", quality=quality, optimize=False, **icc)
     return buf.getvalue()
 
 

@@ -1,15 +1,23 @@
-"""Background removal with rembg + onnxruntime, from local weights only (never downloads)."""
+"""Background removal with rembg + onnxruntime, from local weights only (never downloads).
+
+The mask is rembg's own (`session.predict`, what `rembg.remove(..., only_mask=True)` returns),
+and the cut-out uses rembg's own helpers (post-processing, alpha matting, colour
+decontamination), so results match rembg's for the same options.
+"""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from imgsvc.errors import ModelUnavailable
 from imgsvc.models.device import DeviceUnavailable
+from imgsvc.models.versions import weights_version
 
 
 def onnx_providers(device: str) -> list[str]:
@@ -22,13 +30,40 @@ def onnx_providers(device: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+def require_onnx_cuda() -> None:
+    """At start with IMGSVC_DEVICE=cuda: refuse an onnxruntime without its CUDA provider."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise DeviceUnavailable(
+            "IMGSVC_DEVICE=cuda but onnxruntime has no CUDA provider (installed providers: "
+            f"{', '.join(ort.get_available_providers())}); install onnxruntime-gpu matching "
+            "your CUDA/cuDNN, or set IMGSVC_DEVICE=cpu"
+        )
+
+
+@dataclass(frozen=True)
+class CutoutOptions:
+    """rembg's `remove()` options, under rembg's names."""
+
+    post_process_mask: bool = False
+    alpha_matting: bool = False
+    alpha_matting_foreground_threshold: int = 240
+    alpha_matting_background_threshold: int = 10
+    alpha_matting_erode_size: int = 10
+    decontaminate: bool = False
+
+
 class BackgroundRemover:
     """One rembg session, created once and reused by every request (thread-safe: ORT run())."""
 
     def __init__(
         self, name: str, model_path: Path, *, device: str, strict: bool, threads: int
     ) -> None:
-        """`strict`: the user asked for cuda explicitly, so a CPU fallback is an error."""
+        """`strict`: the user asked for cuda explicitly, so a CPU fallback is an error.
+
+        `model_path` is `<weights dir>/rembg/<file>`; its version comes from the manifest there.
+        """
         if not model_path.is_file():
             raise ModelUnavailable(
                 f"background model {name!r} needs {model_path}; run `imgsvc weights pull`"
@@ -59,11 +94,37 @@ class BackgroundRemover:
                 "(install onnxruntime-gpu matching your CUDA/cuDNN, or set IMGSVC_DEVICE=cpu)"
             )
         self.name = name
+        self.version = weights_version(model_path.parents[1], model_path)
 
-    def remove(self, img: Image.Image) -> Image.Image:
-        """RGB(A) in → RGBA cut-out of the same size."""
-        from rembg import remove
+    def mask(self, img: Image.Image, *, post_process: bool = False) -> Image.Image:
+        """The model's alpha mask (mode L, same size), rembg's `only_mask=True` result."""
+        from rembg.bg import post_process as rembg_post_process
 
-        out = remove(img.convert("RGB"), session=self.session)
-        assert isinstance(out, Image.Image)
-        return out.convert("RGBA")
+        masks = self.session.predict(img.convert("RGB"))
+        mask: Image.Image = masks[0].convert("L")
+        if post_process:
+            mask = Image.fromarray(rembg_post_process(np.array(mask)))
+        return mask
+
+    def cutout(self, img: Image.Image, mask: Image.Image, options: CutoutOptions) -> Image.Image:
+        """RGBA cut-out of `img` with `mask` as alpha, refined as rembg's `remove()` would."""
+        from rembg.bg import alpha_matting_cutout, decontaminate_cutout, putalpha_cutout
+
+        rgb = img.convert("RGB")
+        if options.alpha_matting:
+            try:
+                out = alpha_matting_cutout(
+                    rgb,
+                    mask,
+                    options.alpha_matting_foreground_threshold,
+                    options.alpha_matting_background_threshold,
+                    options.alpha_matting_erode_size,
+                )
+            except ValueError:  # rembg's own fallback when the trimap is degenerate
+                out = decontaminate_cutout(rgb, mask)
+        elif options.decontaminate:
+            out = decontaminate_cutout(rgb, mask)
+        else:  # the colours as they are, the mask as alpha (rembg's `putalpha=True`)
+            out = putalpha_cutout(rgb.copy(), mask)
+        result: Image.Image = out.convert("RGBA")
+        return result

@@ -1,0 +1,1 @@
+"""Listing-ready cut-outs: option parsing, layout, marketplace presets, compliance, pipeline."""

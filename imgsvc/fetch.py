@@ -1,0 +1,218 @@
+"""Fetch an image from a caller's URL without letting the caller reach our private network (SSRF).
+
+Rules: http/https only; the host is resolved and every address must be public (no loopback,
+private, link-local incl. 169.254.169.254, CGNAT, multicast, reserved, unspecified, nor an IPv6
+form that embeds one); the connection goes to the checked address itself (the URL is rewritten
+to the IP, with the original Host header and TLS server name), so a second DNS answer cannot
+redirect it (DNS rebinding); every redirect is checked the same way, at most `MAX_REDIRECTS`;
+the body is capped at the upload limit and the whole fetch at a deadline. Proxies from the
+environment are ignored. `allow` lists networks an operator trusts (tests use 127.0.0.1/32).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from urllib.parse import urljoin, urlsplit, urlunsplit
+
+import httpx
+
+from imgsvc.errors import PayloadTooLarge, ServiceError
+
+MAX_REDIRECTS = 3
+_REDIRECTS = {301, 302, 303, 307, 308}
+_CGNAT = ipaddress.ip_network("100.64.0.0/10")
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class UrlNotAllowed(ServiceError):
+    """The URL's scheme or address is refused (SSRF guard)."""
+
+    code = "url_not_allowed"
+    status = 422
+
+
+class UrlFetchFailed(ServiceError):
+    """The URL was allowed but did not give an image (network error, HTTP error, timeout)."""
+
+    code = "url_fetch_failed"
+    status = 422
+
+
+@dataclass(frozen=True)
+class FetchPolicy:
+    max_bytes: int
+    timeout_s: float
+    allow: tuple[IPNetwork, ...] = ()
+
+
+def parse_networks(text: str) -> tuple[IPNetwork, ...]:
+    """`"127.0.0.1/32, ::1/128"` → networks; ValueError on a malformed entry."""
+    return tuple(ipaddress.ip_network(p.strip()) for p in text.split(",") if p.strip())
+
+
+def _embedded_ipv4(ip: IPAddress) -> IPAddress:
+    """The IPv4 address an IPv6 transition address carries (mapped, 6to4, Teredo, NAT64)."""
+    if not isinstance(ip, ipaddress.IPv6Address):
+        return ip
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip.teredo is not None:
+        return ip.teredo[1]
+    if ip in _NAT64:
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return ip
+
+
+def _is_public(ip: IPAddress) -> bool:
+    for addr in {ip, _embedded_ipv4(ip)}:
+        if (
+            not addr.is_global
+            or addr.is_private
+            or addr.is_loopback
+            or addr.is_link_local
+            or addr.is_multicast
+            or addr.is_reserved
+            or addr.is_unspecified
+            or (isinstance(addr, ipaddress.IPv4Address) and addr in _CGNAT)
+        ):
+            return False
+    return True
+
+
+def check_address(ip: IPAddress, allow: Sequence[IPNetwork] = ()) -> None:
+    """Raise UrlNotAllowed unless `ip` is public or inside an operator-allowed network."""
+    if any(ip.version == net.version and ip in net for net in allow):
+        return
+    if not _is_public(ip):
+        raise UrlNotAllowed(
+            f"image_url resolves to {ip}, a private, loopback, link-local or reserved address; "
+            "only public http(s) addresses can be fetched"
+        )
+
+
+def _resolve(host: str, port: int, allow: Sequence[IPNetwork]) -> IPAddress:
+    """The address to connect to: every address the name has must pass (first one is used)."""
+    try:
+        literal: IPAddress | None = ipaddress.ip_address(host)
+    except ValueError:
+        literal = None
+    if literal is not None:
+        check_address(literal, allow)
+        return literal
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise UrlFetchFailed(f"image_url host {host!r} could not be resolved") from exc
+    addresses = [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
+    if not addresses:
+        raise UrlFetchFailed(f"image_url host {host!r} has no address")
+    for ip in addresses:
+        check_address(ip, allow)
+    return addresses[0]
+
+
+@dataclass(frozen=True)
+class _Target:
+    url: str  # rewritten to the checked IP
+    host_header: str
+    hostname: str
+    ip: IPAddress
+
+
+def _target(url: str, allow: Sequence[IPNetwork]) -> _Target:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise UrlNotAllowed("image_url must be an http:// or https:// URL")
+    if not parts.hostname:
+        raise UrlNotAllowed("image_url has no host")
+    if parts.username or parts.password:
+        raise UrlNotAllowed("image_url must not contain credentials")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError as exc:
+        raise UrlNotAllowed("image_url has an invalid port") from exc
+    ip = _resolve(parts.hostname, port, allow)
+    ip_host = f"[{ip}]" if ip.version == 6 else str(ip)
+    default_port = port == (443 if parts.scheme == "https" else 80)
+    netloc = ip_host if default_port else f"{ip_host}:{port}"
+    host_header = parts.netloc.rpartition("@")[2]
+    pinned = urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
+    return _Target(pinned, host_header, parts.hostname, ip)
+
+
+def fetch(url: str, policy: FetchPolicy, *, what: str = "image_url") -> bytes:
+    """GET `url` under the SSRF rules above; return the body (at most `policy.max_bytes`)."""
+    deadline = time.monotonic() + policy.timeout_s
+    current = url.strip()
+    with httpx.Client(
+        trust_env=False, follow_redirects=False, timeout=policy.timeout_s, verify=True
+    ) as client:
+        for _ in range(MAX_REDIRECTS + 1):
+            target = _target(current, policy.allow)
+            try:
+                body, location = _get_once(client, target, policy, deadline, what)
+            except httpx.TimeoutException as exc:
+                raise UrlFetchFailed(f"{what} timed out after {policy.timeout_s:g} s") from exc
+            except httpx.HTTPError as exc:
+                raise UrlFetchFailed(f"{what} could not be fetched ({type(exc).__name__})") from exc
+            if location is None:
+                return body
+            current = urljoin(current, location)
+    raise UrlFetchFailed(f"{what} redirected more than {MAX_REDIRECTS} times")
+
+
+def _get_once(
+    client: httpx.Client, target: _Target, policy: FetchPolicy, deadline: float, what: str
+) -> tuple[bytes, str | None]:
+    request = client.build_request(
+        "GET",
+        target.url,
+        headers={"Host": target.host_header, "Accept": "image/*", "User-Agent": "imgsvc"},
+        extensions={"sni_hostname": target.hostname},
+    )
+    response = client.send(request, stream=True)
+    try:
+        peer = _peer_ip(response)
+        if peer is not None and peer != target.ip:
+            raise UrlNotAllowed(f"{what} connected to {peer}, not the checked {target.ip}")
+        if response.status_code in _REDIRECTS:
+            location = response.headers.get("location")
+            if not location:
+                raise UrlFetchFailed(f"{what} answered a redirect without a Location")
+            return b"", location
+        if response.status_code != 200:
+            raise UrlFetchFailed(f"{what} answered HTTP {response.status_code}")
+        declared = response.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > policy.max_bytes:
+            raise PayloadTooLarge(f"{what} is {declared} bytes; the limit is {policy.max_bytes}")
+        chunks: list[bytes] = []
+        size = 0
+        for chunk in response.iter_bytes():
+            size += len(chunk)
+            if size > policy.max_bytes:
+                raise PayloadTooLarge(f"{what} is over the limit of {policy.max_bytes} bytes")
+            if time.monotonic() > deadline:
+                raise UrlFetchFailed(f"{what} took longer than {policy.timeout_s:g} s")
+            chunks.append(chunk)
+        return b"".join(chunks), None
+    finally:
+        response.close()
+
+
+def _peer_ip(response: httpx.Response) -> IPAddress | None:
+    """The address the socket is actually connected to, where the transport exposes it."""
+    stream = response.extensions.get("network_stream")
+    if stream is None:
+        return None
+    peer = stream.get_extra_info("server_addr")
+    if not peer:
+        return None
+    return ipaddress.ip_address(str(peer[0]).split("%")[0])
