@@ -54,6 +54,7 @@ def billing_server(
         "IMGSVC_PRELOAD_MODELS": "false",
         "IMGSVC_DEFAULT_RATE_LIMIT": "100000/minute",
         "IMGSVC_ADMIN_TOKEN": ADMIN_TOKEN,
+        "IMGSVC_INPAINT_QUEUE_DEPTH": "1000",  # let every concurrent call reach billing
     }
     if request.param == "postgresql":
         env["IMGSVC_DATABASE_URL"] = request.getfixturevalue("new_postgres_db")()

@@ -9,7 +9,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -40,8 +40,27 @@ class Database:
             command.upgrade(config, "head")
 
     @contextmanager
-    def transaction(self) -> Iterator[Session]:
+    def transaction(self, *, durable: bool = True) -> Iterator[Session]:
+        """A session committed on success, rolled back on error.
+
+        `durable=False` commits without waiting for the disk (SQLite synchronous=NORMAL,
+        PostgreSQL synchronous_commit=off): still atomic and consistent, but a power loss may
+        forget the last commits. Used only where forgetting is safe (a credit hold: forgetting
+        it gives the credits back), never for a charge.
+        """
         with self._sessions.begin() as session:
+            if not durable:
+                if self.dialect == "postgresql":
+                    session.execute(text("SET LOCAL synchronous_commit TO OFF"))
+                else:
+                    session.connection(execution_options={"imgsvc_durable": False})
+            yield session
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        """A read-only session (on SQLite it does not take the write lock)."""
+        with self._sessions.begin() as session:
+            session.connection(execution_options={"imgsvc_read": True})
             yield session
 
     def dispose(self) -> None:
@@ -70,6 +89,13 @@ def _make_engine(url: str) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
+        options = conn.get_execution_options()
+        if options.get("imgsvc_read"):
+            conn.exec_driver_sql("BEGIN")
+            return
+        # PRAGMA synchronous applies per connection and only outside a transaction.
+        sync = "NORMAL" if options.get("imgsvc_durable") is False else "FULL"
+        conn.exec_driver_sql(f"PRAGMA synchronous={sync}")
         # Take the write lock up front so concurrent credit updates never deadlock or overdraw.
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 

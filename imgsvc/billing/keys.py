@@ -10,6 +10,8 @@ import hashlib
 import hmac
 import secrets
 import string
+import threading
+import time
 import zlib
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -232,7 +234,7 @@ def authenticate(db: Database, secret: str) -> KeyInfo:
     digest = hash_secret(secret)
     parent = aliased(ApiKey)
     now = utcnow()
-    with db.transaction() as s:
+    with db.read() as s:
         found = s.execute(
             select(ApiKey, Account.credits, parent.revoked_at)
             .join(Account, Account.id == ApiKey.account_id)
@@ -252,7 +254,7 @@ def authenticate(db: Database, secret: str) -> KeyInfo:
 
 
 def get_key(db: Database, key_id: int) -> KeyInfo:
-    with db.transaction() as s:
+    with db.read() as s:
         row = s.get(ApiKey, key_id)
         if row is None:
             raise NotFound(f"no key with id {key_id}")
@@ -264,12 +266,12 @@ def list_keys(db: Database, *, parent_key_id: int | None = None) -> list[KeyInfo
     q = select(ApiKey, Account.credits).join(Account, Account.id == ApiKey.account_id)
     if parent_key_id is not None:
         q = q.where(ApiKey.parent_key_id == parent_key_id)
-    with db.transaction() as s:
+    with db.read() as s:
         return [_info(r, int(c)) for r, c in s.execute(q.order_by(ApiKey.id))]
 
 
 def count_keys(db: Database) -> int:
-    with db.transaction() as s:
+    with db.read() as s:
         return int(s.scalar(select(func.count()).select_from(ApiKey)) or 0)
 
 
@@ -325,3 +327,39 @@ def topup(db: Database, key_id: int, credits: int) -> KeyInfo:
         )
         s.add(LedgerEntry(account_id=row.account_id, key_id=key_id, delta=credits, kind="topup"))
         return _info(row, _balance(s, row.account_id))
+
+
+class KeyCache:
+    """Authenticated keys remembered for `ttl` seconds, so a metered call needs no key query.
+
+    A revocation or expiry takes effect within `ttl` on every replica (the API promises 5 s);
+    balances are never taken from here: holds always update the database.
+    """
+
+    def __init__(self, db: Database, ttl: float, max_entries: int = 10_000) -> None:
+        self._db = db
+        self._ttl = ttl
+        self._max = max_entries
+        self._entries: dict[str, tuple[KeyInfo, float]] = {}
+        self._lock = threading.Lock()
+
+    def authenticate(self, secret: str) -> KeyInfo:
+        if self._ttl <= 0:
+            return authenticate(self._db, secret)
+        if not is_well_formed(secret):
+            raise Unauthorized(_DENIED)
+        digest = hash_secret(secret)
+        now = time.monotonic()
+        with self._lock:
+            hit = self._entries.get(digest)
+        if hit is not None and now - hit[1] < self._ttl:
+            info = hit[0]
+            if info.expires_at is not None and info.expires_at <= utcnow():
+                raise Unauthorized(_DENIED)
+            return info
+        info = authenticate(self._db, secret)
+        with self._lock:
+            if len(self._entries) >= self._max:
+                self._entries.clear()
+            self._entries[digest] = (info, now)
+        return info

@@ -43,7 +43,8 @@ def reserve(db: Database, *, key: KeyInfo, credits: int, request_id: str, ttl: t
     """Hold `credits` of the key's account; return the hold id. Refusal takes nothing."""
     now = utcnow()
     month = current_month(now)
-    with db.transaction() as s:
+    # Not waiting for the disk is safe here: a hold forgotten by a crash returns its credits.
+    with db.transaction(durable=False) as s:
         taken = s.execute(
             update(Account)
             .where(Account.id == key.account_id, Account.credits >= credits)
@@ -141,7 +142,7 @@ def _credit(s: Session, account_id: int, credits: int) -> None:
 
 def extend(db: Database, *, hold_id: int, ttl: timedelta) -> None:
     """Push a running call's hold expiry forward (its heartbeat)."""
-    with db.transaction() as s:
+    with db.transaction(durable=False) as s:
         s.execute(
             update(Hold)
             .where(Hold.id == hold_id, Hold.status == "held")
@@ -151,7 +152,8 @@ def extend(db: Database, *, hold_id: int, ttl: timedelta) -> None:
 
 def release(db: Database, *, hold_id: int) -> bool:
     """Give a hold back (the call failed). False if it was already settled."""
-    with db.transaction() as s:
+    # Forgetting a release is safe: the hold expires and the sweeper releases it again.
+    with db.transaction(durable=False) as s:
         hold = _settle(s, hold_id, "released")
         if hold is None:
             return False
@@ -224,7 +226,7 @@ def _charge_again(s: Session, key: KeyInfo, credits: int, request_id: str) -> in
 def sweep_expired(db: Database, *, now: datetime | None = None) -> int:
     """Release every hold whose call died (expired without capture). Returns how many."""
     cutoff = now or utcnow()
-    with db.transaction() as s:
+    with db.read() as s:
         ids = list(
             s.scalars(select(Hold.id).where(Hold.status == "held", Hold.expires_at < cutoff))
         )
@@ -235,7 +237,7 @@ def sweep_expired(db: Database, *, now: datetime | None = None) -> int:
 
 
 def held_credits(db: Database, account_id: int) -> int:
-    with db.transaction() as s:
+    with db.read() as s:
         total = s.scalar(
             select(func.coalesce(func.sum(Hold.amount), 0)).where(
                 Hold.account_id == account_id, Hold.status == "held"
@@ -259,7 +261,7 @@ def ledger_mismatches(db: Database) -> list[str]:
         .group_by(LedgerEntry.hold_id)
         .subquery()
     )
-    with db.transaction() as s:
+    with db.read() as s:
         for acc, credits, total in s.execute(
             select(Account.id, Account.credits, func.coalesce(sums.c.total, 0)).outerjoin(
                 sums, sums.c.account_id == Account.id

@@ -33,6 +33,7 @@ class RateLimiter:
 
     def __init__(self, default_limit: str, redis_url: str | None = None) -> None:
         uri = redis_url or "memory://"
+        self.shared = redis_url is not None  # network I/O: callers run check() in a thread
         self._storage = storage_from_string(uri)
         self._limiter = FixedWindowRateLimiter(self._storage)
         self._default = parse(default_limit)

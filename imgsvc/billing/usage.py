@@ -74,7 +74,7 @@ def list_usage(
     """Usage rows, newest first."""
     q = where.apply(select(UsageEvent))
     q = q.order_by(UsageEvent.created_at.desc(), UsageEvent.id.desc()).limit(limit).offset(offset)
-    with db.transaction() as s:
+    with db.read() as s:
         return [
             UsageRow(**{f.name: getattr(e, f.name) for f in fields(UsageRow)}) for e in s.scalars(q)
         ]
@@ -97,7 +97,7 @@ def summarize(db: Database, where: UsageFilter, group_by: GroupBy) -> list[Usage
         select(column.label("g"), func.count(), func.coalesce(func.sum(UsageEvent.credits), 0))
     )
     q = q.group_by(column).order_by(column)
-    with db.transaction() as s:
+    with db.read() as s:
         return [UsageGroup(str(g), int(n), int(c)) for g, n, c in s.execute(q)]
 
 

@@ -14,7 +14,7 @@ from imgsvc.billing import usage as usage_store
 from imgsvc.billing.keys import KeyInfo
 from imgsvc.billing.usage import GroupBy, UsageFilter, UsageRow
 from imgsvc.models.registry import Operation
-from imgsvc.routes.deps import ApiKeyDep, DatabaseDep
+from imgsvc.routes.deps import ApiKeyDep, DatabaseDep, FreshApiKeyDep
 
 router = APIRouter(prefix="/v1", tags=["account"])
 CSV_RESPONSES: dict[int | str, dict[str, object]] = {200: {"content": {"text/csv": {}}}}
@@ -114,7 +114,7 @@ def usage_page(rows: list[UsageRow], *, limit: int, offset: int, csv: bool) -> U
 
 
 @router.get("/account", summary="The calling key, its account's credits and its limits")
-async def account(key: ApiKeyDep) -> AccountPublic:
+async def account(key: FreshApiKeyDep) -> AccountPublic:
     return account_public(key)
 
 

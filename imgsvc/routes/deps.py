@@ -51,11 +51,12 @@ def _limits(settings: SettingsDep) -> Limits:
 LimitsDep = Annotated[Limits, Depends(_limits)]
 
 
-async def _api_key(
-    db: DatabaseDep,
-    authorization: Annotated[str | None, Header(description="`Bearer <key>`")] = None,
-    x_api_key: Annotated[str | None, Header(description="the API key")] = None,
-) -> KeyInfo:
+def _key_cache(request: Request) -> keys.KeyCache:
+    cache: keys.KeyCache = request.app.state.key_cache
+    return cache
+
+
+def _secret(authorization: str | None, x_api_key: str | None) -> str:
     secret = x_api_key
     if authorization:
         scheme, _, value = authorization.partition(" ")
@@ -63,9 +64,30 @@ async def _api_key(
             secret = value.strip()
     if not secret:
         raise Unauthorized("send your key as `Authorization: Bearer <key>` or `X-API-Key: <key>`")
-    return await run_in_threadpool(keys.authenticate, db, secret)
+    return secret
 
 
+AuthorizationHeader = Annotated[str | None, Header(description="`Bearer <key>`")]
+ApiKeyHeader = Annotated[str | None, Header(description="the API key")]
+
+
+async def _api_key(
+    cache: Annotated[keys.KeyCache, Depends(_key_cache)],
+    authorization: AuthorizationHeader = None,
+    x_api_key: ApiKeyHeader = None,
+) -> KeyInfo:
+    """The caller's key, re-checked against the database at most every few seconds."""
+    return await run_in_threadpool(cache.authenticate, _secret(authorization, x_api_key))
+
+
+async def _fresh_api_key(
+    db: DatabaseDep, authorization: AuthorizationHeader = None, x_api_key: ApiKeyHeader = None
+) -> KeyInfo:
+    """The caller's key read from the database now (live balance and status)."""
+    return await run_in_threadpool(keys.authenticate, db, _secret(authorization, x_api_key))
+
+
+FreshApiKeyDep = Annotated[KeyInfo, Depends(_fresh_api_key)]
 ApiKeyDep = Annotated[KeyInfo, Depends(_api_key)]
 
 
