@@ -19,13 +19,25 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from imgsvc import __version__
 from imgsvc.billing import idempotency, metering
 from imgsvc.billing.db import Database
+from imgsvc.billing.keys import KeyCache
 from imgsvc.billing.pricing import load_prices
 from imgsvc.billing.ratelimit import RateLimiter
 from imgsvc.config import Settings
 from imgsvc.errors import ServiceError
+from imgsvc.models.background import require_onnx_cuda
 from imgsvc.models.device import select_device
 from imgsvc.models.registry import Registry
-from imgsvc.routes import account, admin, health, inpaint, keys, quote, remove_background, upscale
+from imgsvc.routes import (
+    account,
+    admin,
+    health,
+    inpaint,
+    keys,
+    quote,
+    remove_background,
+    removebg_compat,
+    upscale,
+)
 
 log = logging.getLogger("imgsvc")
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -41,16 +53,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the application. Raises DeviceUnavailable if IMGSVC_DEVICE=cuda has no GPU."""
     settings = settings or Settings()
     device = select_device(settings.device)
+    if settings.device == "cuda":
+        require_onnx_cuda()  # background removal would otherwise run on the CPU unnoticed
     registry = Registry(
         settings.weights_dir,
         device,
         requested_device=settings.device,
         upscale_tile=settings.upscale_tile,
+        upscale_compile=settings.torch_compile,
         concurrency={
             "remove-background": settings.concurrency_remove_background,
             "upscale": settings.concurrency_upscale,
             "inpaint": settings.concurrency_inpaint,
         },
+        inpaint_queue_depth=settings.inpaint_queue_depth,
     )
 
     @asynccontextmanager
@@ -58,6 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         db = Database(settings.database_url)
         await run_in_threadpool(db.migrate)
         app.state.db = db
+        app.state.key_cache = KeyCache(db, settings.key_cache_seconds)
         tasks = [asyncio.create_task(_sweep_forever(db, settings.sweep_interval_seconds))]
         if settings.preload_models:
             tasks.append(asyncio.create_task(_preload(app)))
@@ -84,6 +101,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.load_error = None
     for module in (remove_background, upscale, inpaint, quote, account, keys, admin, health):
         app.include_router(module.router)
+    app.include_router(removebg_compat.router)
     _install_request_id(app)
     _install_error_handlers(app)
     return app

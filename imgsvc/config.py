@@ -26,6 +26,9 @@ class Settings(BaseSettings):
     admin_token: SecretStr | None = Field(None, description="bearer token for /v1/admin")
     redis_url: str | None = Field(None, description="shared rate limits across replicas")
     default_rate_limit: str = Field("60/minute", description="per key, unless the key sets one")
+    key_cache_seconds: float = Field(
+        2.0, ge=0, le=5, description="authenticated keys are re-checked this often (revocation)"
+    )
     hold_ttl_seconds: int = Field(
         120, ge=2, description="a call's credit hold expires this long after its last heartbeat"
     )
@@ -40,6 +43,7 @@ class Settings(BaseSettings):
         64_000_000, description="largest output an operation may produce (upscale)"
     )
     upscale_tile: int = Field(256, ge=32, description="tile edge (input px) for upscaling")
+    torch_compile: bool = Field(False, description="torch.compile upscale models (slow start)")
     max_inpaint_steps: int = Field(100, ge=1)
     dev_key_credits: int = Field(1000, description="credits of the key made on first start")
     concurrency_remove_background: int = Field(2, ge=1)

@@ -18,10 +18,16 @@ from anyio import CapacityLimiter
 
 from imgsvc.errors import ModelUnavailable, UnknownModel
 from imgsvc.models import erase as erase_engine
+from imgsvc.models import lama
 from imgsvc.models.background import BackgroundRemover
 from imgsvc.models.device import DeviceName, DeviceSpec
+from imgsvc.models.device_queue import DeviceQueue
 from imgsvc.models.diffusion import DiffusionInpaintEngine, find_pipelines
+from imgsvc.models.face import FaceEnhancer
+from imgsvc.models.face import find_files as find_face_files
 from imgsvc.models.upscale import Upscaler
+from imgsvc.models.upscale_catalog import inspect as inspect_upscale_file
+from imgsvc.models.upscale_catalog import list_files as list_upscale_files
 
 Operation = Literal["remove-background", "upscale", "inpaint"]
 T = TypeVar("T")
@@ -37,7 +43,6 @@ BACKGROUND_FILES = {
     "birefnet-general": "birefnet-general.onnx",
     "bria-rmbg": "bria-rmbg-2.0.onnx",
 }
-UPSCALE_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt")
 
 
 @dataclass(frozen=True)
@@ -67,11 +72,16 @@ class Registry:
         requested_device: DeviceName,
         upscale_tile: int,
         concurrency: dict[Operation, int],
+        upscale_compile: bool = False,
+        inpaint_queue_depth: int = 4,
     ) -> None:
         self.weights_dir = weights_dir
+        # Inpainting models (diffusion, LaMa) share one device lock and a bounded wait queue.
+        self.inpaint_queue = DeviceQueue(inpaint_queue_depth)
         self.device = device
         self._strict_gpu = requested_device == "cuda"
         self._upscale_tile = upscale_tile
+        self._upscale_compile = upscale_compile
         self._limiters = {op: CapacityLimiter(n) for op, n in concurrency.items()}
         self._bg_threads = max(1, (os.cpu_count() or 1) // concurrency["remove-background"])
         self._engines: dict[tuple[str, str], object] = {}
@@ -105,10 +115,7 @@ class Registry:
         )
 
     def upscale_files(self) -> dict[str, Path]:
-        folder = self.weights_dir / "upscale"
-        if not folder.is_dir():
-            return {}
-        return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in UPSCALE_SUFFIXES}
+        return list_upscale_files(self.weights_dir / "upscale")
 
     def upscaler(self, name: str = DEFAULT_UPSCALE_MODEL) -> Upscaler:
         files = self.upscale_files()
@@ -118,9 +125,25 @@ class Registry:
                     f"{name} needs weights/upscale/{name}.safetensors; run `imgsvc weights pull`"
                 )
             raise UnknownModel(f"unknown upscale model {name!r}; installed: {sorted(files)}")
+        problem = inspect_upscale_file(files[name]).problem
+        if problem:
+            raise UnknownModel(problem)
         return self._cached(
             ("upscale", name),
-            lambda: Upscaler(name, files[name], self.device, tile=self._upscale_tile),
+            lambda: Upscaler(
+                name,
+                files[name],
+                self.device,
+                tile=self._upscale_tile,
+                compile=self._upscale_compile,
+            ),
+        )
+
+    def face_enhancer(self) -> FaceEnhancer:
+        gfpgan, detector = find_face_files(self.weights_dir)
+        return self._cached(
+            ("upscale", f"face:{gfpgan.name}"),
+            lambda: FaceEnhancer(gfpgan, detector, self.device),
         )
 
     def diffusion(self, name: str | None = None) -> DiffusionInpaintEngine:
@@ -136,8 +159,29 @@ class Registry:
             raise UnknownModel(f"unknown inpaint model {chosen!r}; installed: {sorted(found)}")
         return self._cached(
             ("inpaint", chosen),
-            lambda: DiffusionInpaintEngine(found[chosen], self.device),
+            lambda: DiffusionInpaintEngine(
+                found[chosen], self.device, lock=self.inpaint_queue.lock
+            ),
         )
+
+    def eraser(self, name: str | None = None) -> erase_engine.Eraser:
+        """The erase engine `name`; by default LaMa when its weights are there, else OpenCV."""
+        lama_path = lama.find_weights(self.weights_dir)
+        chosen = name or (lama.NAME if lama_path else erase_engine.NAME)
+        if chosen == lama.NAME:
+            if lama_path is None:
+                raise ModelUnavailable(
+                    f"{lama.NAME} needs {self.weights_dir / 'inpaint'}/big-lama.safetensors "
+                    f"(or .pt); the weight-free engines {sorted(erase_engine.NAMES)} always work"
+                )
+            return self._cached(
+                ("inpaint", chosen),
+                lambda: lama.LamaEraser(lama_path, self.device, self.inpaint_queue.lock),
+            )
+        if chosen not in erase_engine.NAMES:
+            names = sorted([*erase_engine.NAMES, lama.NAME])
+            raise UnknownModel(f"unknown erase model {chosen!r}; choose one of {names}")
+        return self._cached(("inpaint", chosen), lambda: erase_engine.OpenCVEraser(chosen))
 
     # -- listing, start-up and running -------------------------------------------------------
     def list_models(self) -> list[ModelInfo]:
@@ -151,14 +195,61 @@ class Registry:
             )
             for name, fname in BACKGROUND_FILES.items()
         ]
+        upscale_rows = [inspect_upscale_file(p) for p in self.upscale_files().values()]
         out += [
-            ModelInfo("upscale", n, True, f"upscale/{p.name}", n == DEFAULT_UPSCALE_MODEL)
-            for n, p in self.upscale_files().items()
+            ModelInfo(
+                "upscale",
+                f.name,
+                True,
+                f"upscale/{f.path.name}",
+                f.name == DEFAULT_UPSCALE_MODEL,
+                scale=f.scale,
+                size_bytes=f.size_bytes,
+                version=f.version,
+                cpu_seconds_per_input_mp=f.cpu_seconds_per_input_mp,
+                note=f.note,
+            )
+            for f in upscale_rows
         ]
-        out.append(ModelInfo("inpaint", erase_engine.NAME, True, "", True))
+        try:
+            gfpgan, _ = find_face_files(self.weights_dir)
+            face = ModelInfo("upscale", "face_enhance", True, f"face/{gfpgan.name}", False)
+        except ModelUnavailable as missing:
+            face = ModelInfo("upscale", "face_enhance", False, "face/", False, note=missing.message)
+        out.append(face)
+        lama_path = lama.find_weights(self.weights_dir)
+        out.append(
+            ModelInfo(
+                "inpaint",
+                lama.NAME,
+                lama_path is not None,
+                f"inpaint/{lama_path.name if lama_path else lama.FILE_STEM + '.safetensors'}",
+                lama_path is not None,
+                note="erase (no prompt); default when present",
+            )
+        )
         out += [
-            ModelInfo("inpaint", n, True, f"diffusers/{n}", False)
-            for n in find_pipelines(self.weights_dir)
+            ModelInfo(
+                "inpaint",
+                n,
+                True,
+                "",
+                lama_path is None and n == erase_engine.NAME,
+                note="erase (no prompt), needs no weights",
+            )
+            for n in erase_engine.NAMES
+        ]
+        pipelines = find_pipelines(self.weights_dir)
+        out += [
+            ModelInfo(
+                "inpaint",
+                n,
+                True,
+                f"diffusers/{p.name}",
+                i == 0,
+                note="prompt inpainting, " + ("single-file" if p.is_file() else "folder"),
+            )
+            for i, (n, p) in enumerate(pipelines.items())
         ]
         return out
 
