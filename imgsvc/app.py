@@ -75,6 +75,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await run_in_threadpool(db.migrate)
         app.state.db = db
         app.state.key_cache = KeyCache(db, settings.key_cache_seconds)
+        if settings.device == "cuda":
+            # Asked for the GPU: create the CUDA sessions before serving, so a provider whose
+            # libraries fail to load stops the start instead of running on the CPU unnoticed.
+            await run_in_threadpool(registry.background)
         tasks = [asyncio.create_task(_sweep_forever(db, settings.sweep_interval_seconds))]
         if settings.preload_models:
             tasks.append(asyncio.create_task(_preload(app)))

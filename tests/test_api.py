@@ -42,6 +42,8 @@ def test_health_and_docs(server: Server) -> None:
         models = c.get("/v1/models").json()["data"]
         names = {(m["operation"], m["name"]) for m in models if m["present"]}
         assert ("remove-background", "u2netp") in names
+        u2netp = next(m for m in models if m["name"] == "u2netp")
+        assert u2netp["version"] == "309c8469258d" and u2netp["size_bytes"] == 4574861
         assert ("upscale", "realesrgan-x4plus") in names
         assert ("inpaint", "tiny-sd-inpaint") in names
 

@@ -92,7 +92,7 @@ def test_scopes_and_rate_limit_validated(db: Database) -> None:
 
 def test_hold_capture_release_keep_ledger_exact(db: Database) -> None:
     info, _ = keys.create_key(db, name="a", credits=10)
-    h1 = metering.reserve(db, key=info, credits=4, request_id="r1", ttl=TTL)
+    h1 = metering.reserve(db, key=info, credits=4, request_id="r1", ttl=TTL, price_version="v-test")
     assert metering.capture(
         db, hold_id=h1, credits=3, key=info, request_id="r1", usage=_usage()
     ) == (3, 7)  # captured less than held: the unused credit comes back at once
@@ -108,6 +108,11 @@ def test_hold_capture_release_keep_ledger_exact(db: Database) -> None:
     rows = usage.list_usage(db, usage.UsageFilter(key_id=info.id))
     assert [(r.request_id, r.credits, r.price_version) for r in rows] == [("r1", 3, "v-test")]
     assert _kinds(db) == ["grant", "hold", "capture", "hold", "release"]
+    with db.transaction() as s:
+        versions = [
+            e.price_version for e in s.scalars(select(LedgerEntry).order_by(LedgerEntry.id))
+        ]
+    assert versions[:3] == [None, "v-test", "v-test"]  # each charge row keeps its price table
 
 
 def test_concurrent_holds_never_overdraw(db: Database) -> None:

@@ -39,7 +39,15 @@ class MonthlyCapReached(InsufficientCredits):
     code = "monthly_cap_reached"
 
 
-def reserve(db: Database, *, key: KeyInfo, credits: int, request_id: str, ttl: timedelta) -> int:
+def reserve(
+    db: Database,
+    *,
+    key: KeyInfo,
+    credits: int,
+    request_id: str,
+    ttl: timedelta,
+    price_version: str | None = None,
+) -> int:
     """Hold `credits` of the key's account; return the hold id. Refusal takes nothing."""
     now = utcnow()
     month = current_month(now)
@@ -71,6 +79,7 @@ def reserve(db: Database, *, key: KeyInfo, credits: int, request_id: str, ttl: t
             key_id=key.id,
             request_id=request_id,
             amount=credits,
+            price_version=price_version,
             expires_at=now + ttl,
         )
         s.add(hold)
@@ -112,6 +121,7 @@ def _entry(hold: Hold, delta: int, kind: str) -> LedgerEntry:
         delta=delta,
         kind=kind,
         request_id=hold.request_id,
+        price_version=hold.price_version,
     )
 
 

@@ -72,6 +72,7 @@ class Hold(Base):
     key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id"))
     request_id: Mapped[str] = mapped_column(String(64), unique=True)
     amount: Mapped[int] = mapped_column(Integer)
+    price_version: Mapped[str | None] = mapped_column(String(50), default=None)
     status: Mapped[str] = mapped_column(String(10), default="held")
     expires_at: Mapped[datetime] = mapped_column()
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -95,6 +96,8 @@ class LedgerEntry(Base):
     delta: Mapped[int] = mapped_column(Integer)
     kind: Mapped[str] = mapped_column(String(16))
     request_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    # The price table a hold/capture/release was computed with (None for grants and top-ups).
+    price_version: Mapped[str | None] = mapped_column(String(50), default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

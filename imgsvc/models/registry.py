@@ -28,6 +28,7 @@ from imgsvc.models.face import find_files as find_face_files
 from imgsvc.models.upscale import Upscaler
 from imgsvc.models.upscale_catalog import inspect as inspect_upscale_file
 from imgsvc.models.upscale_catalog import list_files as list_upscale_files
+from imgsvc.models.versions import weights_version
 
 Operation = Literal["remove-background", "upscale", "inpaint"]
 T = TypeVar("T")
@@ -184,17 +185,22 @@ class Registry:
         return self._cached(("inpaint", chosen), lambda: erase_engine.OpenCVEraser(chosen))
 
     # -- listing, start-up and running -------------------------------------------------------
+    def _background_info(self, name: str, fname: str) -> ModelInfo:
+        path = self.weights_dir / "rembg" / fname
+        present = path.is_file()
+        return ModelInfo(
+            "remove-background",
+            name,
+            present,
+            f"rembg/{fname}",
+            name == DEFAULT_BACKGROUND_MODEL,
+            size_bytes=path.stat().st_size if present else None,
+            version=weights_version(self.weights_dir, path) if present else None,
+            note=None if present else f"add weights/rembg/{fname} to use it",
+        )
+
     def list_models(self) -> list[ModelInfo]:
-        out = [
-            ModelInfo(
-                "remove-background",
-                name,
-                (self.weights_dir / "rembg" / fname).is_file(),
-                f"rembg/{fname}",
-                name == DEFAULT_BACKGROUND_MODEL,
-            )
-            for name, fname in BACKGROUND_FILES.items()
-        ]
+        out = [self._background_info(name, fname) for name, fname in BACKGROUND_FILES.items()]
         upscale_rows = [inspect_upscale_file(p) for p in self.upscale_files().values()]
         out += [
             ModelInfo(

@@ -155,7 +155,14 @@ async def metered_call(
     request_id: str = request.state.request_id
     try:
         hold_id = await run_in_threadpool(
-            lambda: metering.reserve(db, key=key, credits=credits, request_id=request_id, ttl=ttl)
+            lambda: metering.reserve(
+                db,
+                key=key,
+                credits=credits,
+                request_id=request_id,
+                ttl=ttl,
+                price_version=prices.version,
+            )
         )
     except BaseException:
         if idem_key is not None:

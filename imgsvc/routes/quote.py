@@ -8,6 +8,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
 from imgsvc.billing.pricing import BackgroundSize
+from imgsvc.models.upscale import output_size
 from imgsvc.routes.deps import ApiKeyDep, PricesDep
 
 router = APIRouter(prefix="/v1", tags=["quote"])
@@ -19,7 +20,9 @@ class QuoteRequest(BaseModel):
     width: int = Field(ge=1, le=100_000, description="input width in pixels")
     height: int = Field(ge=1, le=100_000, description="input height in pixels")
     size: BackgroundSize = Field("full", description="remove-background: preview or full")
-    scale: float = Field(4, gt=0, le=8, description="upscale factor")
+    scale: float | None = Field(None, description="upscale factor 1-8 (default 4)")
+    target_width: int | None = Field(None, ge=1, description="upscale: output width")
+    target_height: int | None = Field(None, ge=1, description="upscale: output height")
     prompt: bool = Field(False, description="inpaint: with a prompt (else erase)")
     steps: int = Field(30, ge=1, le=1000, description="inpaint: denoising steps")
 
@@ -39,7 +42,13 @@ async def quote(body: QuoteRequest, key: ApiKeyDep, prices: PricesDep) -> Quote:
     if body.operation == "remove-background":
         credits = prices.remove_background_cost(body.size)
     elif body.operation == "upscale":
-        w, h = round(body.width * body.scale), round(body.height * body.scale)
+        w, h = output_size(
+            body.width,
+            body.height,
+            scale=body.scale,
+            target_width=body.target_width,
+            target_height=body.target_height,
+        )
         credits = prices.upscale_cost(w, h)
     else:
         # The pipeline works on at most its native size (512x512 for SD 1.5); `dry_run=true`
