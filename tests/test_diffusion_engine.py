@@ -136,6 +136,29 @@ def test_concurrent_calls_are_serialised(engine: DiffusionInpaintEngine) -> None
     assert got == expected
 
 
+def test_validation_never_touches_the_pipelines_tokenizer(
+    engine: DiffusionInpaintEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The route validates prompts on the event loop while another request's pipeline call may
+    be tokenizing in a worker thread; a fast tokenizer keeps per-call truncation/padding state,
+    so sharing it mixed requests up under load (seen as a 500). Validation has its own copy."""
+    pipeline_tokenizer = engine._pipe.tokenizer
+    calls: list[str] = []
+    original = type(pipeline_tokenizer).__call__
+
+    def spy(self: object, *args: object, **kwargs: object) -> object:
+        if self is pipeline_tokenizer:
+            calls.append(str(args[:1]))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(pipeline_tokenizer), "__call__", spy)
+    engine.check(prompt="a red box", negative_prompt="blurry", steps=2, strength=1.0)
+    assert calls == []
+    image, plan = _image(), engine.plan(_mask())
+    engine.inpaint(image, plan, seed=1, **INPAINT_ARGS)
+    assert calls  # the spy does see the pipeline's own use
+
+
 def test_every_scheduler_runs_and_is_deterministic(engine: DiffusionInpaintEngine) -> None:
     image, plan = _image(), engine.plan(_mask())
     outputs = set()

@@ -18,6 +18,7 @@ torch and diffusers are imported lazily: importing this module is cheap.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import json
 import threading
@@ -131,6 +132,11 @@ class DiffusionInpaintEngine:
         self.native_size: int = _native_size(self._pipe)
         self._default_scheduler: Any = self._pipe.scheduler
         self._schedulers: dict[str, Any] = {}
+        # `check` runs on the event loop while another request's pipeline call may be using the
+        # pipeline's tokenizer in a worker thread; a fast tokenizer keeps per-call truncation and
+        # padding state, so sharing it mixes requests up. Validation gets its own copy.
+        tokenizer = getattr(self._pipe, "tokenizer", None)
+        self._check_tokenizer: Any = None if tokenizer is None else copy.deepcopy(tokenizer)
 
     def _read_model_index(self) -> dict[str, Any]:
         index = self.folder / MODEL_INDEX
@@ -210,7 +216,7 @@ class DiffusionInpaintEngine:
             raise InvalidInput(
                 f"steps * strength must be at least 1 (got steps={steps}, strength={strength})"
             )
-        tokenizer = getattr(self._pipe, "tokenizer", None)
+        tokenizer = self._check_tokenizer
         if tokenizer is None:
             return
         limit = int(tokenizer.model_max_length)
