@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import socket
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,6 +15,7 @@ from PIL import Image
 from imgsvc.errors import InvalidInput, ModelUnavailable
 from imgsvc.models.device import DeviceSpec
 from imgsvc.models.diffusion import SCHEDULERS, DiffusionInpaintEngine, find_pipelines
+from tests.utils import one_torch_thread_no_network
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
@@ -37,34 +37,8 @@ INPAINT_ARGS: dict[str, Any] = {
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread_no_network() -> Iterator[None]:
-    """Tiny models run faster on one thread; any network use (DNS lookup, connect) is an error.
-
-    Attempts are refused like an unreachable network would refuse them and are recorded, because
-    the Hugging Face libraries catch connection errors; the check runs at module teardown.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    real_connect = socket.socket.connect
-    attempts: list[Any] = []
-
-    def refuse_connect(self: socket.socket, address: Any) -> None:
-        if self.family in (socket.AF_INET, socket.AF_INET6):
-            attempts.append(address)
-            raise OSError(f"network disabled in tests: {address!r}")
-        real_connect(self, address)
-
-    def refuse_getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
-        attempts.append(host)
-        raise socket.gaierror(f"network disabled in tests: {host!r}")
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(socket.socket, "connect", refuse_connect)
-        patch.setattr(socket, "getaddrinfo", refuse_getaddrinfo)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(threads)
-    assert attempts == [], f"network access attempted: {attempts!r}"
+    with one_torch_thread_no_network():
+        yield
 
 
 @pytest.fixture(scope="module")

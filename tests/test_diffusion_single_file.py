@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from imgsvc.errors import ModelUnavailable
 from imgsvc.models import single_file
 from imgsvc.models.device import DeviceSpec
 from imgsvc.models.diffusion import DiffusionInpaintEngine, find_pipelines
+from tests.utils import one_torch_thread_no_network
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -29,30 +29,8 @@ ARGS |= {"guidance_scale": 5.0, "strength": 1.0, "seed": 3}
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread_no_network() -> Iterator[None]:
-    """Any DNS lookup or connect fails and is recorded (the HF libraries swallow the errors)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    attempts: list[Any] = []
-    real_connect = socket.socket.connect
-
-    def refuse_connect(self: socket.socket, address: Any) -> None:
-        if self.family in (socket.AF_INET, socket.AF_INET6):
-            attempts.append(address)
-            raise OSError(f"network disabled in tests: {address!r}")
-        real_connect(self, address)
-
-    def refuse_getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
-        attempts.append(host)
-        raise socket.gaierror(f"network disabled in tests: {host!r}")
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(socket.socket, "connect", refuse_connect)
-        patch.setattr(socket, "getaddrinfo", refuse_getaddrinfo)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(threads)
-    assert attempts == [], f"network access attempted: {attempts!r}"
+    with one_torch_thread_no_network():
+        yield
 
 
 @pytest.fixture(scope="module")

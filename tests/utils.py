@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parent / "data"
@@ -105,3 +109,37 @@ def stop_server(server: Server) -> None:
 
 def photo_bytes(name: str = "car.jpg") -> bytes:
     return (DATA / name).read_bytes()
+
+
+@contextlib.contextmanager
+def one_torch_thread_no_network() -> Iterator[None]:
+    """Tiny models run faster on one thread; any network use (DNS lookup, connect) is an error.
+
+    Attempts are refused like an unreachable network would refuse them and are recorded, because
+    the Hugging Face libraries catch connection errors; the check runs when the block ends.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    real_connect = socket.socket.connect
+    attempts: list[Any] = []
+
+    def refuse_connect(self: socket.socket, address: Any) -> None:
+        if self.family in (socket.AF_INET, socket.AF_INET6):
+            attempts.append(address)
+            raise OSError(f"network disabled in tests: {address!r}")
+        real_connect(self, address)
+
+    def refuse_getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        attempts.append(host)
+        raise socket.gaierror(f"network disabled in tests: {host!r}")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(socket.socket, "connect", refuse_connect)
+        patch.setattr(socket, "getaddrinfo", refuse_getaddrinfo)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
+    assert attempts == [], f"network access attempted: {attempts!r}"
