@@ -20,6 +20,14 @@ NAMES: dict[str, Literal["telea", "ns"]] = {"opencv-telea": "telea", "opencv-ns"
 MAX_SIDE = 2048
 
 
+def plan_at_full_size(alpha: Image.Image, max_side: int = MAX_SIDE) -> region.CropPlan:
+    """Erase engines work on the crop at its own size, scaled down only past `max_side`."""
+    full = region.plan(alpha, None)
+    if max(full.work_size) <= max_side:
+        return full
+    return region.plan(alpha, max_side, upscale=False)
+
+
 class Eraser(Protocol):
     """What the inpaint route needs from an erase engine."""
 
@@ -39,10 +47,7 @@ class OpenCVEraser:
         self._radius = radius
 
     def plan(self, alpha: Image.Image) -> region.CropPlan:
-        full = region.plan(alpha, None)
-        if max(full.work_size) <= MAX_SIDE:
-            return full
-        return region.plan(alpha, MAX_SIDE, upscale=False)
+        return plan_at_full_size(alpha)
 
     def erase(self, image: Image.Image, plan: region.CropPlan) -> Image.Image:
         import cv2

@@ -17,6 +17,7 @@ from PIL import Image
 from imgsvc.errors import ModelUnavailable
 from imgsvc.models import region
 from imgsvc.models.device import DeviceSpec
+from imgsvc.models.erase import plan_at_full_size
 
 NAME = "lama"
 FILE_STEM = "big-lama"
@@ -62,10 +63,7 @@ class LamaEraser:
         self.path = path
 
     def plan(self, alpha: Image.Image) -> region.CropPlan:
-        full = region.plan(alpha, None)
-        if max(full.work_size) <= MAX_SIDE:
-            return full
-        return region.plan(alpha, MAX_SIDE, upscale=False)
+        return plan_at_full_size(alpha, MAX_SIDE)
 
     def erase(self, image: Image.Image, plan: region.CropPlan) -> Image.Image:
         import torch

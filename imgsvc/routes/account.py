@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Response
+from fastapi import APIRouter, Depends, Header, Query, Response
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from imgsvc.billing import usage as usage_store
+from imgsvc.billing.db import Database
 from imgsvc.billing.keys import KeyInfo
-from imgsvc.billing.usage import GroupBy, UsageFilter, UsageRow
+from imgsvc.billing.usage import GroupBy, UsageFilter
 from imgsvc.models.registry import Operation
 from imgsvc.routes.deps import ApiKeyDep, DatabaseDep, FreshApiKeyDep
 
@@ -97,19 +98,65 @@ def visible_usage(key: KeyInfo, where: UsageFilter) -> UsageFilter:
     return replace(where, account_id=key.account_id, key_id=key.id)
 
 
-def wants_csv(accept: str | None, fmt: str | None) -> bool:
-    return fmt == "csv" or (fmt is None and accept is not None and "text/csv" in accept)
+@dataclass(frozen=True)
+class Page:
+    limit: int
+    offset: int
+    csv: bool
 
 
-def usage_page(rows: list[UsageRow], *, limit: int, offset: int, csv: bool) -> UsagePage | Response:
-    """A page of usage rows as JSON, or all of them as CSV."""
-    if csv:
+async def _usage_filter(
+    since: Annotated[datetime | None, Query(description="ISO 8601, inclusive, UTC")] = None,
+    until: Annotated[datetime | None, Query(description="ISO 8601, exclusive, UTC")] = None,
+    operation: Operation | None = None,
+    client_ref: Annotated[str | None, Query(description="the X-Client-Ref of the calls")] = None,
+    key_id: Annotated[int | None, Query(description="one key (e.g. a sub-key)")] = None,
+) -> UsageFilter:
+    return UsageFilter(
+        key_id=key_id,
+        since=naive_utc(since),
+        until=naive_utc(until),
+        operation=operation,
+        client_ref=client_ref,
+    )
+
+
+async def _page(
+    limit: Annotated[int, Query(ge=1, le=100_000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    format: Annotated[str | None, Query(pattern="^(json|csv)$")] = None,
+    accept: Annotated[str | None, Header(include_in_schema=False)] = None,
+) -> Page:
+    csv = format == "csv" or (format is None and accept is not None and "text/csv" in accept)
+    return Page(limit, offset, csv)
+
+
+UsageFilterDep = Annotated[UsageFilter, Depends(_usage_filter)]
+PageDep = Annotated[Page, Depends(_page)]
+
+
+async def usage_response(db: Database, where: UsageFilter, page: Page) -> UsagePage | Response:
+    """A page of usage rows as JSON, or as CSV (Accept: text/csv or format=csv)."""
+    rows = await run_in_threadpool(
+        lambda: usage_store.list_usage(db, where, limit=page.limit, offset=page.offset)
+    )
+    if page.csv:
         return Response(usage_store.usage_csv(rows), media_type="text/csv")
     return UsagePage(
         data=[UsagePublic(**asdict(r)) for r in rows],
-        limit=limit,
-        offset=offset,
-        next_offset=offset + limit if len(rows) == limit else None,
+        limit=page.limit,
+        offset=page.offset,
+        next_offset=page.offset + page.limit if len(rows) == page.limit else None,
+    )
+
+
+async def summary_response(db: Database, where: UsageFilter, group_by: GroupBy) -> UsageSummary:
+    groups = await run_in_threadpool(lambda: usage_store.summarize(db, where, group_by))
+    return UsageSummary(
+        group_by=group_by,
+        data=[UsageGroupPublic(**asdict(g)) for g in groups],
+        total_calls=sum(g.calls for g in groups),
+        total_credits=sum(g.credits for g in groups),
     )
 
 
@@ -125,60 +172,16 @@ async def account(key: FreshApiKeyDep) -> AccountPublic:
     responses=CSV_RESPONSES,
 )
 async def usage(
-    key: ApiKeyDep,
-    db: DatabaseDep,
-    since: Annotated[datetime | None, Query(description="ISO 8601, inclusive, UTC")] = None,
-    until: Annotated[datetime | None, Query(description="ISO 8601, exclusive, UTC")] = None,
-    operation: Operation | None = None,
-    client_ref: Annotated[str | None, Query(description="the X-Client-Ref of the calls")] = None,
-    key_id: Annotated[int | None, Query(description="one key of the account (sub-keys)")] = None,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
-    format: Annotated[str | None, Query(pattern="^(json|csv)$")] = None,
-    accept: Annotated[str | None, Header(include_in_schema=False)] = None,
+    key: ApiKeyDep, db: DatabaseDep, where: UsageFilterDep, page: PageDep
 ) -> UsagePage | Response:
-    where = visible_usage(
-        key,
-        UsageFilter(
-            key_id=key_id,
-            since=naive_utc(since),
-            until=naive_utc(until),
-            operation=operation,
-            client_ref=client_ref,
-        ),
-    )
-    rows = await run_in_threadpool(
-        lambda: usage_store.list_usage(db, where, limit=limit, offset=offset)
-    )
-    return usage_page(rows, limit=limit, offset=offset, csv=wants_csv(accept, format))
+    return await usage_response(db, visible_usage(key, where), page)
 
 
 @router.get("/usage/summary", summary="Calls and credits grouped by day, operation or client")
 async def usage_summary(
-    key: ApiKeyDep,
-    db: DatabaseDep,
-    group_by: GroupBy = "day",
-    since: datetime | None = None,
-    until: datetime | None = None,
-    operation: Operation | None = None,
-    client_ref: str | None = None,
+    key: ApiKeyDep, db: DatabaseDep, where: UsageFilterDep, group_by: GroupBy = "day"
 ) -> UsageSummary:
-    where = visible_usage(
-        key,
-        UsageFilter(
-            since=naive_utc(since),
-            until=naive_utc(until),
-            operation=operation,
-            client_ref=client_ref,
-        ),
-    )
-    groups = await run_in_threadpool(lambda: usage_store.summarize(db, where, group_by))
-    return UsageSummary(
-        group_by=group_by,
-        data=[UsageGroupPublic(**asdict(g)) for g in groups],
-        total_calls=sum(g.calls for g in groups),
-        total_credits=sum(g.credits for g in groups),
-    )
+    return await summary_response(db, visible_usage(key, where), group_by)
 
 
 @router.get(
@@ -188,25 +191,15 @@ async def usage_summary(
     responses=CSV_RESPONSES,
 )
 async def statement(
-    month: str,
-    key: ApiKeyDep,
-    db: DatabaseDep,
-    format: Annotated[str | None, Query(pattern="^(json|csv)$")] = None,
-    accept: Annotated[str | None, Header(include_in_schema=False)] = None,
+    month: str, key: ApiKeyDep, db: DatabaseDep, page: PageDep
 ) -> UsageSummary | Response:
     start, end = usage_store.month_bounds(month)
     where = visible_usage(key, UsageFilter(since=start, until=end))
-    if wants_csv(accept, format):
+    if page.csv:
         rows = await run_in_threadpool(lambda: usage_store.list_usage(db, where, limit=1_000_000))
         return Response(
             usage_store.usage_csv(rows),
             media_type="text/csv",
             headers={"Content-Disposition": f'attachment; filename="imgsvc-{month}.csv"'},
         )
-    groups = await run_in_threadpool(lambda: usage_store.summarize(db, where, "operation"))
-    return UsageSummary(
-        group_by="operation",
-        data=[UsageGroupPublic(**asdict(g)) for g in groups],
-        total_calls=sum(g.calls for g in groups),
-        total_credits=sum(g.credits for g in groups),
-    )
+    return await summary_response(db, where, "operation")

@@ -2,28 +2,25 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from datetime import datetime, timedelta
-from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Response
+from fastapi import APIRouter, Response
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from imgsvc.billing import keys
-from imgsvc.billing import usage as usage_store
-from imgsvc.billing.usage import GroupBy, UsageFilter
-from imgsvc.models.registry import Operation
+from imgsvc.billing.usage import GroupBy
 from imgsvc.routes.account import (
     CSV_RESPONSES,
     AccountPublic,
-    UsageGroupPublic,
+    PageDep,
+    UsageFilterDep,
     UsagePage,
     UsageSummary,
     account_public,
     naive_utc,
-    usage_page,
-    wants_csv,
+    summary_response,
+    usage_response,
 )
 from imgsvc.routes.deps import AdminDep, DatabaseDep
 from imgsvc.routes.keys import KeyCreated
@@ -102,43 +99,12 @@ async def topup(key_id: int, body: TopUp, db: DatabaseDep) -> AdminKeyPublic:
 @router.get(
     "/usage", summary="Usage across all keys", response_model=UsagePage, responses=CSV_RESPONSES
 )
-async def usage(
-    db: DatabaseDep,
-    key_id: int | None = None,
-    since: datetime | None = None,
-    until: datetime | None = None,
-    operation: Operation | None = None,
-    client_ref: str | None = None,
-    limit: Annotated[int, Query(ge=1, le=100_000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
-    format: Annotated[str | None, Query(pattern="^(json|csv)$")] = None,
-    accept: Annotated[str | None, Header(include_in_schema=False)] = None,
-) -> UsagePage | Response:
-    where = UsageFilter(
-        key_id=key_id,
-        since=naive_utc(since),
-        until=naive_utc(until),
-        operation=operation,
-        client_ref=client_ref,
-    )
-    rows = await run_in_threadpool(
-        lambda: usage_store.list_usage(db, where, limit=limit, offset=offset)
-    )
-    return usage_page(rows, limit=limit, offset=offset, csv=wants_csv(accept, format))
+async def usage(db: DatabaseDep, where: UsageFilterDep, page: PageDep) -> UsagePage | Response:
+    return await usage_response(db, where, page)
 
 
 @router.get("/usage/summary", summary="Calls and credits across keys, grouped")
 async def usage_summary(
-    db: DatabaseDep,
-    group_by: GroupBy = "key",
-    since: datetime | None = None,
-    until: datetime | None = None,
+    db: DatabaseDep, where: UsageFilterDep, group_by: GroupBy = "key"
 ) -> UsageSummary:
-    where = UsageFilter(since=naive_utc(since), until=naive_utc(until))
-    groups = await run_in_threadpool(lambda: usage_store.summarize(db, where, group_by))
-    return UsageSummary(
-        group_by=group_by,
-        data=[UsageGroupPublic(**asdict(g)) for g in groups],
-        total_calls=sum(g.calls for g in groups),
-        total_credits=sum(g.credits for g in groups),
-    )
+    return await summary_response(db, where, group_by)

@@ -3,24 +3,21 @@ account's credits, each with its own monthly cap, for invoicing the reseller's o
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Header, Query, Response
+from fastapi import APIRouter, Response
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from imgsvc.billing import keys
-from imgsvc.billing import usage as usage_store
 from imgsvc.billing.keys import RESELLER_SCOPE, KeyInfo
 from imgsvc.billing.usage import UsageFilter
 from imgsvc.errors import Forbidden, NotFound
 from imgsvc.routes.account import (
     CSV_RESPONSES,
     AccountPublic,
+    PageDep,
     UsagePage,
     account_public,
-    usage_page,
-    wants_csv,
+    usage_response,
 )
 from imgsvc.routes.deps import ApiKeyDep, DatabaseDep
 
@@ -76,20 +73,10 @@ async def revoke_child(key_id: int, key: ApiKeyDep, db: DatabaseDep) -> AccountP
     responses=CSV_RESPONSES,
 )
 async def child_usage(
-    key_id: int,
-    key: ApiKeyDep,
-    db: DatabaseDep,
-    limit: Annotated[int, Query(ge=1, le=100_000)] = 1000,
-    offset: Annotated[int, Query(ge=0)] = 0,
-    format: Annotated[str | None, Query(pattern="^(json|csv)$")] = None,
-    accept: Annotated[str | None, Header(include_in_schema=False)] = None,
+    key_id: int, key: ApiKeyDep, db: DatabaseDep, page: PageDep
 ) -> UsagePage | Response:
     parent = _reseller(key)
     children = await run_in_threadpool(lambda: keys.list_keys(db, parent_key_id=parent.id))
     if key_id not in {c.id for c in children}:
         raise NotFound(f"no sub-key with id {key_id}")
-    where = UsageFilter(account_id=parent.account_id, key_id=key_id)
-    rows = await run_in_threadpool(
-        lambda: usage_store.list_usage(db, where, limit=limit, offset=offset)
-    )
-    return usage_page(rows, limit=limit, offset=offset, csv=wants_csv(accept, format))
+    return await usage_response(db, UsageFilter(account_id=parent.account_id, key_id=key_id), page)
