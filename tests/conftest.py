@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
-from tests.utils import REPO, Server, linked_weights, start_server, stop_server
+from tests.utils import REPO, Server, linked_weights, photo_bytes, start_server, stop_server
 
 # Same defaults as the CLI sets for the server process (must precede any rembg import).
 os.environ.setdefault("NUMBA_CACHE_DIR", str(Path(sys.prefix) / "numba-cache"))
@@ -84,3 +86,39 @@ def server(
     srv = start_server(tmp, weights)
     yield srv
     stop_server(srv)
+
+
+class _ImageOrigin(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        if self.path.startswith("/to/"):
+            self.send_response(302)
+            self.send_header("Location", self.path.removeprefix("/to/"))
+            self.end_headers()
+            return
+        if self.path == "/loop":
+            self.send_response(302)
+            self.send_header("Location", "/loop")
+            self.end_headers()
+            return
+        body = {"/car.jpg": photo_bytes(), "/big": b"x" * 5000}.get(self.path)
+        if body is None:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        return
+
+
+@pytest.fixture(scope="session")
+def origin() -> Iterator[str]:
+    """A local image server: /car.jpg, /big, /loop, /to/<url> (302 to <url>)."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _ImageOrigin)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -14,42 +11,6 @@ from imgsvc.fetch import FetchPolicy, UrlFetchFailed, UrlNotAllowed, check_addre
 from tests.utils import photo_bytes
 
 LOCAL = ipaddress.ip_network("127.0.0.1/32")
-
-
-class _Handler(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        if self.path.startswith("/to/"):
-            self.send_response(302)
-            self.send_header("Location", self.path.removeprefix("/to/"))
-            self.end_headers()
-            return
-        if self.path == "/loop":
-            self.send_response(302)
-            self.send_header("Location", "/loop")
-            self.end_headers()
-            return
-        body = {"/car.jpg": photo_bytes(), "/big": b"x" * 5000}.get(self.path)
-        if body is None:
-            self.send_error(404)
-            return
-        self.send_response(200)
-        self.send_header("Content-Type", "image/jpeg")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:
-        return
-
-
-@pytest.fixture(scope="module")
-def origin() -> Iterator[str]:
-    """A local image server: /car.jpg, /big, /loop, /to/<url> (302 to <url>)."""
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
 
 
 @pytest.mark.parametrize(

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -40,32 +38,6 @@ def encoded(img: Image.Image, fmt: str, **kw: object) -> bytes:
 def car_on_canvas() -> Image.Image:
     """The car photo, non-square, so a rotation would change the size."""
     return Image.open(DATA / "car.jpg").convert("RGB").resize((240, 180))
-
-
-class _Origin(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        if self.path.startswith("/to/"):
-            self.send_response(302)
-            self.send_header("Location", self.path.removeprefix("/to/"))
-            self.end_headers()
-            return
-        body = photo_bytes()
-        self.send_response(200)
-        self.send_header("Content-Type", "image/jpeg")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:
-        return
-
-
-@pytest.fixture(scope="module")
-def origin() -> Iterator[str]:
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Origin)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
 
 
 @pytest.fixture(scope="module")
