@@ -70,8 +70,22 @@ def test_alpha_matches_rembg(engine: BackgroundRemover, rembg_session: object, n
     assert np.abs(ours.astype(int) - expected).max() <= 1
 
 
+def test_cutout_keeps_visible_colours_and_clears_the_rest(engine: BackgroundRemover) -> None:
+    photo = real_photos()["car"]
+    before = np.asarray(photo).copy()
+    result = remove_background(engine, photo, RemovalOptions())
+    out = np.asarray(Image.open(io.BytesIO(result.body)))
+    visible = out[..., 3] > 0
+    assert 0 < visible.mean() < 1
+    assert np.array_equal(out[visible, :3], before[visible])  # the photo's own colours
+    assert not out[~visible].any()  # fully transparent pixels carry no colour
+    assert np.array_equal(np.asarray(photo), before)  # the input image is left untouched
+
+
 def test_version_is_the_manifest_sha256_prefix(engine: BackgroundRemover) -> None:
     assert engine.version == "309c8469258d"
+    # the fidelity tests above compare masks from this rewritten graph with rembg's own session
+    assert engine.resize_nodes_rewritten == 38
 
 
 def test_post_process_and_decontaminate_follow_rembg(

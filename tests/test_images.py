@@ -108,3 +108,22 @@ def test_encode_round_trip(fmt: images.OutputFormat) -> None:
     out = Image.open(io.BytesIO(images.encode(img, fmt)))
     assert out.size == (12, 9)
     assert out.mode == ("RGB" if fmt == "jpg" else "RGBA")
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGB", "RGBA"])
+@pytest.mark.parametrize("srgb", [False, True])
+def test_png_is_lossless_in_every_mode_and_tags_srgb(mode: str, srgb: bool) -> None:
+    bands = len(mode)
+    pixels = np.random.default_rng(bands).integers(0, 256, (37, 23, bands), dtype=np.uint8)
+    img = Image.fromarray(pixels[:, :, 0] if bands == 1 else pixels, mode)
+    out = Image.open(io.BytesIO(images.encode(img, "png", srgb_profile=srgb)))
+    assert out.mode == mode
+    assert np.array_equal(np.asarray(out).reshape(pixels.shape), pixels)
+    assert out.info.get("icc_profile") == (images.SRGB_ICC if srgb else None)
+
+
+def test_png_of_other_modes_goes_through_pillow() -> None:
+    img = Image.new("P", (8, 8), 3)
+    img.putpalette([0, 0, 0, 10, 20, 30, 40, 50, 60, 70, 80, 90])
+    out = Image.open(io.BytesIO(images.encode(img, "png")))
+    assert out.mode == "P" and out.convert("RGB").getpixel((0, 0)) == (70, 80, 90)

@@ -7,6 +7,7 @@ decontamination), so results match rembg's for the same options.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,9 @@ from PIL import Image
 from imgsvc.errors import ModelUnavailable
 from imgsvc.models.device import DeviceUnavailable
 from imgsvc.models.versions import weights_version
+
+log = logging.getLogger(__name__)
+RESIZE_REWRITE_TOLERANCE = 1e-4  # largest output difference accepted from the rewritten graph
 
 
 def onnx_providers(device: str) -> list[str]:
@@ -86,6 +90,10 @@ class BackgroundRemover:
         opts.inter_op_num_threads = 1
         providers = onnx_providers(device)
         self.session = local_cls(name, opts, providers=providers)
+        faster = _constant_resize_session(model_path, opts, providers, self.session.inner_session)
+        self.resize_nodes_rewritten = 0 if faster is None else faster[1]
+        if faster is not None:
+            self.session.inner_session = faster[0]
         active = self.session.inner_session.get_providers()
         self.on_gpu = "CUDAExecutionProvider" in active
         if strict and not self.on_gpu:
@@ -100,7 +108,7 @@ class BackgroundRemover:
         """The model's alpha mask (mode L, same size), rembg's `only_mask=True` result."""
         from rembg.bg import post_process as rembg_post_process
 
-        masks = self.session.predict(img.convert("RGB"))
+        masks = self.session.predict(img if img.mode == "RGB" else img.convert("RGB"))
         mask: Image.Image = masks[0].convert("L")
         if post_process:
             mask = Image.fromarray(rembg_post_process(np.array(mask)))
@@ -110,7 +118,7 @@ class BackgroundRemover:
         """RGBA cut-out of `img` with `mask` as alpha, refined as rembg's `remove()` would."""
         from rembg.bg import alpha_matting_cutout, decontaminate_cutout, putalpha_cutout
 
-        rgb = img.convert("RGB")
+        rgb = img if img.mode == "RGB" else img.convert("RGB")
         if options.alpha_matting:
             try:
                 out = alpha_matting_cutout(
@@ -125,6 +133,39 @@ class BackgroundRemover:
         elif options.decontaminate:
             out = decontaminate_cutout(rgb, mask)
         else:  # the colours as they are, the mask as alpha (rembg's `putalpha=True`)
-            out = putalpha_cutout(rgb.copy(), mask)
-        result: Image.Image = out.convert("RGBA")
+            out = putalpha_cutout(rgb.copy(), mask)  # putalpha changes its image in place
+        result: Image.Image = out if out.mode == "RGBA" else out.convert("RGBA")
         return result
+
+
+def _constant_resize_session(
+    path: Path, opts: Any, providers: list[str], original: Any
+) -> tuple[Any, int] | None:
+    """The same model with constant Resize scales (see onnx_resize) and how many nodes that
+    changed, when it gives the same outputs as `original`; None (keep the original) otherwise.
+    """
+    import onnxruntime as ort
+
+    from imgsvc.models.onnx_resize import constant_resize_model, largest_difference
+
+    try:
+        rewritten = constant_resize_model(path)
+        if rewritten is None:
+            return None
+        model, nodes = rewritten
+        session = ort.InferenceSession(model, opts, providers=providers)
+        difference = largest_difference(original, session)
+    except (ImportError, OSError, RuntimeError, ValueError, KeyError, IndexError) as exc:
+        # an unusual graph (or no onnx package): the original session is still fine
+        log.warning("%s: kept as exported (constant Resize scales failed: %s)", path.name, exc)
+        return None
+    if difference > RESIZE_REWRITE_TOLERANCE:
+        log.warning("%s: kept as exported (rewritten graph differs by %g)", path.name, difference)
+        return None
+    log.info(
+        "%s: %d Resize nodes given constant scales (outputs within %g)",
+        path.name,
+        nodes,
+        difference,
+    )
+    return session, nodes
