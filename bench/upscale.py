@@ -72,19 +72,25 @@ def torch_plain(name: str, img: Image.Image) -> Callable[[], object]:
 
 def ours(
     name: str, img: Image.Image, *, compile: bool = False, cpu_bf16: bool = True
-) -> Callable[[], object]:
+) -> tuple[Callable[[], np.ndarray], str]:
+    """The service's path (`Upscaler.stream` to uint8 rows), and the precision it runs in."""
     path = WEIGHTS / "upscale" / f"{name}.safetensors"
     spec = DeviceSpec("cpu", None)
     up = Upscaler(name, path, spec, tile=256, compile=compile, cpu_bf16=cpu_bf16)
-    print(f"  ({name}: ours runs in {up.dtype}, compile={compile})", flush=True)
+    print(f"  ({name}: ours runs in {up.precision}, compile={compile})", flush=True)
 
-    def call() -> object:
+    def call() -> np.ndarray:
         w, h = up.native_size(img.size)
         sink = ArraySink(h, w, 3)
         up.stream(img, sink)
         return sink.array
 
-    return call
+    return call, up.precision
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 def ncnn_run(name: str, img: Image.Image, threads: int) -> Callable[[], object]:
@@ -116,19 +122,23 @@ def cpu(models: list[str], size: int, runs: int, threads: int, *, with_compile: 
         f"CPU, {threads} threads, {size}x{size} input, median of {runs} (torch {torch.__version__})"
     )
     print(
-        "| model | torch plain fp32 | ours fp32 | ours | ours + torch.compile | ncnn "
-        "| ours vs ncnn | ours s per input MP |"
+        "| model | torch plain fp32 | ours fp32 | ours | ours vs fp32 (PSNR) "
+        "| ours + torch.compile | ncnn | ours vs ncnn | ours s per input MP |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in models:
         plain = median_seconds(torch_plain(name, img), runs)
-        fp32 = median_seconds(ours(name, img, cpu_bf16=False), runs)
-        mine = median_seconds(ours(name, img), runs)
-        compiled = median_seconds(ours(name, img, compile=with_compile), runs)
+        fp32_call, _ = ours(name, img, cpu_bf16=False)
+        fp32 = median_seconds(fp32_call, runs)
+        mine_call, precision = ours(name, img)
+        mine = median_seconds(mine_call, runs)
+        quality = psnr(fp32_call(), mine_call())
+        compiled = median_seconds(ours(name, img, compile=with_compile)[0], runs)
         reference = median_seconds(ncnn_run(name, img, threads), runs)
         print(
-            f"| {name} | {plain:.3f} s | {fp32:.3f} s | {mine:.3f} s | {compiled:.3f} s "
-            f"| {reference:.3f} s | {reference / mine:.2f}x | {mine / mp:.1f} |",
+            f"| {name} | {plain:.3f} s | {fp32:.3f} s | {mine:.3f} s ({precision}) "
+            f"| {quality:.1f} dB | {compiled:.3f} s | {reference:.3f} s "
+            f"| {reference / mine:.2f}x | {mine / mp:.1f} |",
             flush=True,
         )
 
@@ -162,7 +172,7 @@ def gpu(runs: int) -> None:
         total = median_seconds(end_to_end, runs)
         tflops = X4PLUS_FLOP_PER_PIXEL * size * size / seconds / 1e12
         print(
-            f"| {dtype} (ran as {str(up.dtype).removeprefix('torch.')}) | {seconds * 1e3:.1f} ms "
+            f"| {dtype} (ran as {up.precision}) | {seconds * 1e3:.1f} ms "
             f"| {size * size / 1e6 / seconds:.1f} | {tflops:.0f} | {tflops / H200_TFLOPS:.0%} "
             f"| {total * 1e3:.1f} ms |",
             flush=True,

@@ -61,6 +61,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         requested_device=settings.device,
         upscale_tile=settings.upscale_tile,
         upscale_compile=settings.torch_compile,
+        upscale_cpu_bf16=settings.upscale_cpu_bf16,
         concurrency={
             "remove-background": settings.concurrency_remove_background,
             "upscale": settings.concurrency_upscale,

@@ -74,6 +74,7 @@ class Registry:
         upscale_tile: int,
         concurrency: dict[Operation, int],
         upscale_compile: bool = False,
+        upscale_cpu_bf16: bool = True,
         inpaint_queue_depth: int = 4,
     ) -> None:
         self.weights_dir = weights_dir
@@ -83,6 +84,7 @@ class Registry:
         self._strict_gpu = requested_device == "cuda"
         self._upscale_tile = upscale_tile
         self._upscale_compile = upscale_compile
+        self._upscale_cpu_bf16 = upscale_cpu_bf16
         self._limiters = {op: CapacityLimiter(n) for op, n in concurrency.items()}
         self._bg_threads = max(1, (os.cpu_count() or 1) // concurrency["remove-background"])
         self._engines: dict[tuple[str, str], object] = {}
@@ -137,6 +139,7 @@ class Registry:
                 self.device,
                 tile=self._upscale_tile,
                 compile=self._upscale_compile,
+                cpu_bf16=self._upscale_cpu_bf16,
             ),
         )
 

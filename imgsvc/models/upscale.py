@@ -6,8 +6,9 @@
   error splits the failing tile in four (down to `TILE_FLOOR`) and the smaller size is kept.
 - Precision: fp16/bf16 on CUDA; a tile that comes back non-finite or black switches this model to
   fp32 for the rest of the request and for good. On CPUs with native bf16, bf16 only for the
-  architectures where it was measured to hold (CPU_BF16_ARCHS). channels_last; optional
-  torch.compile.
+  architectures where it was measured to hold: whole-model for Compact (CPU_BF16_ARCHS), and
+  for RRDBNet a mix that keeps the residual stream in fp32 (CPU_MIXED_BF16_ARCHS, see
+  mixed_bf16.py). channels_last; optional torch.compile.
 - Alpha: transparent pixels take the colour of the nearest visible pixel before the colour pass
   (so no dark fringe), and alpha runs through the same model as a grey image, kept within the
   input alpha's local range (so transparent areas stay exactly transparent).
@@ -41,8 +42,10 @@ NEAR_SIGHTED = {"RealESRGAN Compact": (16, 8)}
 _GPU_MEMORY_SHARE = 0.5  # of the free memory, for one tile's activations
 # Architectures whose bf16 output holds on CPU: measured against fp32 on three real images
 # (tests/data car, photo_crop, anime-girl), realesr-animevideov3 (Compact) stays at 53-55 dB
-# PSNR, 2-3x faster on AVX512-BF16; RRDBNet (x4plus) drops to 46 dB on a photo, so stays fp32.
+# PSNR, 2-3x faster on AVX512-BF16. RRDBNet (x4plus) wholly in bf16 drops to 46 dB on a photo;
+# mixed (dense blocks and tail in bf16, residual stream in fp32) it holds ~50 dB at 1.9-2x.
 CPU_BF16_ARCHS = frozenset({"RealESRGAN Compact"})
+CPU_MIXED_BF16_ARCHS = frozenset({"ESRGAN"})
 
 
 def output_size(
@@ -126,15 +129,16 @@ class Upscaler:
         self._path = path
         self._torch_device = torch.device(device.device)
         self._compile = compile
-        self.dtype = torch.float32
+        self.dtype = torch.float32  # what the model takes as input
+        self.precision = "float32"  # how it computes: float32 | bfloat16 | float16 | bf16-mixed
         half: Any = getattr(torch, device.half_dtype) if device.half_dtype else None
         self._descriptor: Any = self._load(torch.float32)
         if half == torch.bfloat16 and self._descriptor.supports_bfloat16:
             self._set_dtype(torch.bfloat16)
         elif half is not None and self._descriptor.supports_half:
             self._set_dtype(torch.float16)
-        elif cpu_bf16 and self._cpu_bf16_holds(device):
-            self._set_dtype(torch.bfloat16)
+        elif cpu_bf16 and self._cpu_has_bf16(device):
+            self._use_cpu_bf16()
         self.scale: int = self._descriptor.scale
         self.architecture: str = self._descriptor.architecture.name
         self.context, self.blend = NEAR_SIGHTED.get(self.architecture, (CONTEXT, BLEND))
@@ -159,16 +163,26 @@ class Upscaler:
     def _set_dtype(self, dtype: Any) -> None:
         self._descriptor.to(dtype)
         self.dtype = dtype
+        self.precision = str(dtype).removeprefix("torch.")
 
-    def _cpu_bf16_holds(self, device: DeviceSpec) -> bool:
-        """bf16 on a CPU with native bf16 (AVX512-BF16/AMX), for architectures where it holds."""
+    @staticmethod
+    def _cpu_has_bf16(device: DeviceSpec) -> bool:
+        """A CPU with native bf16 arithmetic (AVX512-BF16 or AMX)."""
         import torch
 
-        return (
-            device.device == "cpu"
-            and self._descriptor.architecture.name in CPU_BF16_ARCHS
-            and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        )
+        return device.device == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+    def _use_cpu_bf16(self) -> None:
+        """bf16 for the architectures where it was measured to hold; others stay fp32."""
+        import torch
+
+        from imgsvc.models import mixed_bf16
+
+        architecture = self._descriptor.architecture.name
+        if architecture in CPU_BF16_ARCHS:
+            self._set_dtype(torch.bfloat16)
+        elif architecture in CPU_MIXED_BF16_ARCHS and mixed_bf16.mix(self._descriptor.model):
+            self.precision = "bf16-mixed"
 
     # -- public API ------------------------------------------------------------------------
     def native_size(self, size: tuple[int, int]) -> tuple[int, int]:
@@ -276,11 +290,14 @@ class Upscaler:
 
         x = batch.to(self.dtype).contiguous(memory_format=torch.channels_last)
         y = self._descriptor(x).float()
-        if self.dtype == torch.float32 or _plausible(batch, y):
+        if self.precision == "float32" or _plausible(batch, y):
             return y
-        log.warning("%s: %s output was non-finite or black; using float32", self.name, self.dtype)
+        log.warning(
+            "%s: %s output was non-finite or black; using float32", self.name, self.precision
+        )
         self._descriptor = self._load(torch.float32)
         self.dtype = torch.float32
+        self.precision = "float32"
         return self._checked(batch)
 
 
