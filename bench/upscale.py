@@ -1,14 +1,14 @@
 """Upscaling speed: our torch path vs ncnn on the original Real-ESRGAN files, side by side.
 
-CPU (default): the same 128x128 crop of a real photo, the same thread count, median of N runs
-(after one warm-up) for
+CPU (default): the same 128x128 crop of a real photo, the same thread count, the contenders
+called in turns (interleaved rounds, at least N and at least 10 s), medians of each, for
   - torch plain: the spandrel model as loaded, fp32, contiguous (the PERF-NOTES baseline),
   - ours: `Upscaler.stream` as the service runs it (channels_last, inference mode, tiling),
   - ncnn: the `ncnn` package running weights/ncnn/*.param/.bin with its default CPU options.
 GPU (`--gpu`, needs CUDA): x4plus on a 512x512 input in fp16 and bf16, megapixels per second
 and the share of the H200's ~790 dense fp16/bf16 TFLOP/s this reaches (35.9 MFLOP per px).
 
-    python bench/upscale.py            # full CPU run (about a minute on 2 cores)
+    python bench/upscale.py            # full CPU run (about 5 minutes on 2 cores)
     python bench/upscale.py --quick    # smoke run, a few seconds
     python bench/upscale.py --gpu      # GPU section
 """
@@ -42,14 +42,39 @@ X4PLUS_FLOP_PER_PIXEL = 35.9e6
 H200_TFLOPS = 790.0
 
 
+MIN_SECONDS = 10.0  # rounds are repeated until the CPU comparison has filled this much time
+
+
 def median_seconds(fn: Callable[[], object], runs: int) -> float:
-    fn()  # warm-up (allocator, oneDNN primitive cache)
+    """Median of `runs` calls after one warm-up call (allocator, primitive caches)."""
+    fn()
     times = []
     for _ in range(runs):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def interleaved_medians(calls: list[Callable[[], object]], runs: int) -> tuple[list[float], int]:
+    """Median seconds of each call, the calls taken in turns (one round = each call once), and
+    how many rounds ran.
+
+    Side by side in one loop, so every contender meets the same machine: on a shared VM the
+    speed of these cores drifts by up to 2x over tens of seconds, which measuring one contender
+    after the other turned into 2x swings in the ratios. At least `runs` rounds and at least
+    MIN_SECONDS in all (many rounds for fast models), after one warm-up call each.
+    """
+    for call in calls:
+        call()
+    times: list[list[float]] = [[] for _ in calls]
+    started = time.perf_counter()
+    while len(times[0]) < runs or time.perf_counter() - started < MIN_SECONDS:
+        for call, spent in zip(calls, times, strict=True):
+            start = time.perf_counter()
+            call()
+            spent.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times], len(times[0])
 
 
 def crop(size: int) -> Image.Image:
@@ -119,26 +144,30 @@ def cpu(models: list[str], size: int, runs: int, threads: int, *, with_compile: 
     img = crop(size)
     mp = size * size / 1e6
     print(
-        f"CPU, {threads} threads, {size}x{size} input, median of {runs} (torch {torch.__version__})"
+        f"CPU, {threads} threads, {size}x{size} input, medians of >= {runs} interleaved rounds "
+        f"filling >= {MIN_SECONDS:g} s (torch {torch.__version__})"
     )
     print(
         "| model | torch plain fp32 | ours fp32 | ours | ours vs fp32 (PSNR) "
-        "| ours + torch.compile | ncnn | ours vs ncnn | ours s per input MP |"
+        "| ours + torch.compile | ncnn | ours vs ncnn | ours s per input MP | rounds |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name in models:
-        plain = median_seconds(torch_plain(name, img), runs)
         fp32_call, _ = ours(name, img, cpu_bf16=False)
-        fp32 = median_seconds(fp32_call, runs)
         mine_call, precision = ours(name, img)
-        mine = median_seconds(mine_call, runs)
         quality = psnr(fp32_call(), mine_call())
-        compiled = median_seconds(ours(name, img, compile=with_compile)[0], runs)
-        reference = median_seconds(ncnn_run(name, img, threads), runs)
+        calls = [
+            torch_plain(name, img),
+            fp32_call,
+            mine_call,
+            ours(name, img, compile=with_compile)[0],
+            ncnn_run(name, img, threads),
+        ]
+        (plain, fp32, mine, compiled, reference), rounds = interleaved_medians(calls, runs)
         print(
             f"| {name} | {plain:.3f} s | {fp32:.3f} s | {mine:.3f} s ({precision}) "
             f"| {quality:.1f} dB | {compiled:.3f} s | {reference:.3f} s "
-            f"| {reference / mine:.2f}x | {mine / mp:.1f} |",
+            f"| {reference / mine:.2f}x | {mine / mp:.1f} | {rounds} |",
             flush=True,
         )
 

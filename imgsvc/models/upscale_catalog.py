@@ -17,13 +17,13 @@ _LOAD_ERRORS = (ValueError, KeyError, TypeError, AttributeError, RuntimeError, O
 SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt")
 # CPU seconds per input megapixel at the native scale, 2 threads, 128x128 input in one tile
 # (bench/upscale.py, 2026-11-29, on a 2-core AMD EPYC with AVX512-BF16), in the precision the
-# service picks there (x4plus models bf16-mixed, animevideov3 bf16; in fp32 they take 189, 65
-# and 5.9 s). Keyed by the weights' version (sha256 prefix). Tiled images cost up to ~1.3-1.9x
+# service picks there (x4plus models bf16-mixed, animevideov3 bf16; in fp32 they take 191, 63
+# and 6.1 s). Keyed by the weights' version (sha256 prefix). Tiled images cost up to ~1.3-1.9x
 # more (each tile runs with extra context).
 CPU_SECONDS_PER_INPUT_MP = {
-    "f2661ad9dcc3": 103.0,  # realesrgan-x4plus
+    "f2661ad9dcc3": 99.0,  # realesrgan-x4plus
     "4090b0cea6c8": 31.0,  # realesrgan-x4plus-anime
-    "15e90bcbbedc": 3.4,  # realesr-animevideov3
+    "15e90bcbbedc": 3.3,  # realesr-animevideov3
 }
 NOTES = {
     "realesrgan-x4plus": "photos (default)",
