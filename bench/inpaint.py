@@ -41,10 +41,10 @@ def build_sd15_folder(dest: Path, *, sample_size: int, dtype: Any) -> Path:
     """The SD 1.5 inpainting pipeline with random weights, written as a diffusers folder."""
     import diffusers
     import torch
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     from imgsvc.models.single_file import sd15_inpaint_configs
-    from imgsvc.testing.tiny_diffusion import write_tiny_clip_tokenizer_files
+    from imgsvc.testing.tiny_diffusion import save_inpaint_pipeline
 
     configs = sd15_inpaint_configs()
     unet_config = {k: v for k, v in configs["unet"].items() if not k.startswith("_")}
@@ -54,22 +54,9 @@ def build_sd15_folder(dest: Path, *, sample_size: int, dtype: Any) -> Path:
     vae = diffusers.AutoencoderKL(**vae_config)
     text = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))
     scheduler = diffusers.PNDMScheduler.from_config(configs["scheduler"])
-    tok_dir = dest.parent / "tokenizer-files"
-    write_tiny_clip_tokenizer_files(tok_dir)  # the real CLIP vocabulary cannot be generated
-    tokenizer = CLIPTokenizer.from_pretrained(tok_dir, local_files_only=True, model_max_length=77)
-    pipe = diffusers.StableDiffusionInpaintPipeline(
-        vae=vae,
-        text_encoder=text,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+    return save_inpaint_pipeline(
+        dest, vae=vae, text_encoder=text, unet=unet, scheduler=scheduler, dtype=dtype
     )
-    pipe.to(dtype=dtype)
-    pipe.save_pretrained(dest)
-    return dest
 
 
 def inputs(size: int) -> tuple[Image.Image, Image.Image]:

@@ -25,8 +25,6 @@ except ImportError:  # pragma: no cover - platforms without an isal wheel
 _SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _COLOR_TYPES = {1: 0, 2: 4, 3: 2, 4: 6}  # channels -> PNG colour type (L, LA, RGB, RGBA)
 _UP = 2
-
-
 DEFLATE_BACKEND = "isal" if _deflate is not zlib else "zlib"
 
 

@@ -81,7 +81,7 @@ def build_tiny_inpaint_pipeline(dest: Path, *, seed: int = 0) -> Path:
     Takes about a second on CPU.
     """
     import torch
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     # Typed as Any: diffusers ships py.typed but its constructors are unannotated.
     diffusers: Any = importlib.import_module("diffusers")
@@ -137,10 +137,23 @@ def build_tiny_inpaint_pipeline(dest: Path, *, seed: int = 0) -> Path:
         set_alpha_to_one=False,
         steps_offset=1,
     )
+    return save_inpaint_pipeline(
+        dest, vae=vae, text_encoder=text_encoder, unet=unet, scheduler=scheduler
+    )
+
+
+def save_inpaint_pipeline(
+    dest: Path, *, vae: Any, text_encoder: Any, unet: Any, scheduler: Any, dtype: Any = None
+) -> Path:
+    """Assemble an inpainting pipeline around these parts with the tiny CLIP tokenizer (a real
+    vocabulary cannot be generated offline), cast it to `dtype` if given, `save_pretrained` it
+    into `dest` and return `dest`."""
+    from transformers import CLIPTokenizer
+
+    diffusers: Any = importlib.import_module("diffusers")
     with tempfile.TemporaryDirectory(prefix="tiny-clip-tok-") as tmp:
         write_tiny_clip_tokenizer_files(Path(tmp))
         tokenizer = CLIPTokenizer.from_pretrained(tmp, local_files_only=True, model_max_length=77)
-
     pipe = diffusers.StableDiffusionInpaintPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -151,5 +164,7 @@ def build_tiny_inpaint_pipeline(dest: Path, *, seed: int = 0) -> Path:
         feature_extractor=None,
         requires_safety_checker=False,
     )
+    if dtype is not None:
+        pipe.to(dtype=dtype)
     pipe.save_pretrained(dest)
-    return dest
+    return Path(dest)
