@@ -62,6 +62,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         upscale_tile=settings.upscale_tile,
         upscale_compile=settings.torch_compile,
         upscale_cpu_bf16=settings.upscale_cpu_bf16,
+        upscale_cpu_winograd=settings.upscale_cpu_winograd,
         concurrency={
             "remove-background": settings.concurrency_remove_background,
             "upscale": settings.concurrency_upscale,

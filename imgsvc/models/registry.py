@@ -75,6 +75,7 @@ class Registry:
         concurrency: dict[Operation, int],
         upscale_compile: bool = False,
         upscale_cpu_bf16: bool = True,
+        upscale_cpu_winograd: bool = True,
         inpaint_queue_depth: int = 4,
     ) -> None:
         self.weights_dir = weights_dir
@@ -85,6 +86,7 @@ class Registry:
         self._upscale_tile = upscale_tile
         self._upscale_compile = upscale_compile
         self._upscale_cpu_bf16 = upscale_cpu_bf16
+        self._upscale_cpu_winograd = upscale_cpu_winograd
         self._limiters = {op: CapacityLimiter(n) for op, n in concurrency.items()}
         self._bg_threads = max(1, (os.cpu_count() or 1) // concurrency["remove-background"])
         self._engines: dict[tuple[str, str], object] = {}
@@ -140,6 +142,7 @@ class Registry:
                 tile=self._upscale_tile,
                 compile=self._upscale_compile,
                 cpu_bf16=self._upscale_cpu_bf16,
+                cpu_winograd=self._upscale_cpu_winograd,
             ),
         )
 

@@ -8,7 +8,8 @@
   fp32 for the rest of the request and for good. On CPUs with native bf16, bf16 only for the
   architectures where it was measured to hold: whole-model for Compact (CPU_BF16_ARCHS), and
   for RRDBNet a mix that keeps the residual stream in fp32 (CPU_MIXED_BF16_ARCHS, see
-  mixed_bf16.py). channels_last; optional torch.compile.
+  mixed_bf16.py). Elsewhere on CPU, fp32 with the 3x3 convolutions as Winograd F(6,3)
+  (winograd.py). channels_last; optional torch.compile.
 - Alpha: transparent pixels take the colour of the nearest visible pixel before the colour pass
   (so no dark fringe), and alpha runs through the same model as a grey image, kept within the
   input alpha's local range (so transparent areas stay exactly transparent).
@@ -118,6 +119,7 @@ class Upscaler:
         tile: int,
         compile: bool = False,
         cpu_bf16: bool = True,
+        cpu_winograd: bool = True,
     ) -> None:
         if not path.is_file():
             raise ModelUnavailable(
@@ -131,6 +133,7 @@ class Upscaler:
         self._compile = compile
         self.dtype = torch.float32  # what the model takes as input
         self.precision = "float32"  # how it computes: float32 | bfloat16 | float16 | bf16-mixed
+        self.convolutions = "direct"  # how 3x3 convolutions run: direct (oneDNN/cuDNN) | winograd
         half: Any = getattr(torch, device.half_dtype) if device.half_dtype else None
         self._descriptor: Any = self._load(torch.float32)
         if half == torch.bfloat16 and self._descriptor.supports_bfloat16:
@@ -139,6 +142,8 @@ class Upscaler:
             self._set_dtype(torch.float16)
         elif cpu_bf16 and self._cpu_has_bf16(device):
             self._use_cpu_bf16()
+        if device.device == "cpu" and self.precision == "float32" and cpu_winograd and not compile:
+            self._use_winograd()
         self.scale: int = self._descriptor.scale
         self.architecture: str = self._descriptor.architecture.name
         self.context, self.blend = NEAR_SIGHTED.get(self.architecture, (CONTEXT, BLEND))
@@ -184,6 +189,20 @@ class Upscaler:
         elif architecture in CPU_MIXED_BF16_ARCHS and mixed_bf16.mix(self._descriptor.model):
             self.precision = "bf16-mixed"
 
+    def _use_winograd(self) -> None:
+        """fp32 3x3 convolutions as Winograd F(6,3) when the kernels build on this machine."""
+        from imgsvc.models import winograd, winograd_build
+
+        if not winograd_build.available():
+            return
+        model = self._descriptor.model
+        body = getattr(model, "body", None)
+        ordered: tuple[Any, ...] = ()
+        if self._descriptor.architecture.name == "RealESRGAN Compact" and body is not None:
+            ordered = (body,)  # SRVGGNetCompact runs its body ModuleList in order: PReLUs fuse
+        if winograd.convert(model, ordered):
+            self.convolutions = "winograd"
+
     # -- public API ------------------------------------------------------------------------
     def native_size(self, size: tuple[int, int]) -> tuple[int, int]:
         return size[0] * self.scale, size[1] * self.scale
@@ -224,8 +243,14 @@ class Upscaler:
         tile = tile or self.tile_size()
         blender = FeatherBlender(h, w, c, scale=self.scale, blend=self.blend, sink=sink)
         jobs = tile_jobs(h, w, tile, self.context, self.blend)
-        with torch.inference_mode():
-            blender.run(jobs, lambda job: self._tile(data, job))
+        try:
+            with torch.inference_mode():
+                blender.run(jobs, lambda job: self._tile(data, job))
+        finally:
+            if self.convolutions == "winograd":
+                from imgsvc.models import winograd
+
+                winograd.release_workspace()  # reused across tiles, not kept between requests
 
     # -- one tile ------------------------------------------------------------------------------
     def _tile(self, data: np.ndarray, job: TileJob) -> np.ndarray:

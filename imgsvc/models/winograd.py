@@ -1,0 +1,274 @@
+"""Winograd F(6x6, 3x3) convolutions for fp32 on CPU: the trick ncnn uses, inside our torch path.
+
+A 3x3 convolution computed directly costs 9 multiply-adds per input channel, output channel and
+pixel; oneDNN runs that near the cores' fp32 peak and still loses to ncnn, which transforms
+8x8 input tiles so that each 6x6 output tile needs 64 products per channel pair instead of
+324 (5x fewer). Here the same algorithm, in three steps per convolution:
+
+1. input transform `V = Bᵀ d B` of every overlapping 8x8 tile (stride 6, zero padding 1),
+   channels innermost (NHWC, as channels_last tensors lie in memory) so it vectorizes;
+2. 64 matrix products `M[p] = V[p] @ U[p]` (tiles x Cin by Cin x Cout) with `torch.bmm`,
+   where `U = G g Gᵀ` is the weight, transformed once at load;
+3. output transform `Y = Aᵀ M A` of every tile, plus bias and the activation that followed the
+   convolution (PReLU, LeakyReLU, ReLU), written straight into the NHWC output.
+
+Steps 1 and 3 are C (`winograd_kernels.c`, compiled for this CPU at first use and cached, see
+`winograd_build.py`), split over torch's thread count by rows of tiles.
+The matrices are Lavin & Gray's F(6,3) (the points 0, ±1, ±2, ±1/2, ∞, as in ncnn and NNPACK);
+the result matches oneDNN's direct convolution to ~1e-5 relative. `convert` swaps every
+eligible `Conv2d` (3x3, stride 1, padding 1, no groups, at least MIN_CHANNELS out) of a
+model, fusing the activation after it when it is the next module of a `Sequential`; any other
+input (not fp32, not on CPU, autograd) runs the original modules.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import cast
+
+import numpy as np
+import torch
+from torch import nn
+
+from imgsvc.models import winograd_build as kernels
+
+# Fewer output channels than this and the output transform costs more than the products it
+# saves (a model's 3-channel first convolution still gains: oneDNN is slow on 3-channel NHWC).
+MIN_CHANNELS = 16
+TILE = 6  # output pixels per tile edge; the input tile is 8 (TILE + 3 - 1)
+
+# G of F(6,3): U = G g Gᵀ turns a 3x3 kernel into 8x8 (Bᵀ and Aᵀ are written out in the kernels)
+_G = np.array(
+    [
+        [1.0, 0.0, 0.0],
+        [-2 / 9, -2 / 9, -2 / 9],
+        [-2 / 9, 2 / 9, -2 / 9],
+        [1 / 90, 1 / 45, 2 / 45],
+        [1 / 90, -1 / 45, 2 / 45],
+        [32 / 45, 16 / 45, 8 / 45],
+        [32 / 45, -16 / 45, 8 / 45],
+        [0.0, 0.0, 1.0],
+    ]
+)
+
+
+def transform_weight(weight: torch.Tensor) -> torch.Tensor:
+    """(Cout, Cin, 3, 3) → (64, Cin, Cout) float32, computed in float64."""
+    g = torch.from_numpy(_G)
+    u = torch.einsum("la,oiab,kb->lkio", g, weight.detach().double().cpu(), g)
+    return u.reshape(64, weight.shape[1], weight.shape[0]).float().contiguous()
+
+
+_scratch = threading.local()
+
+
+def _workspace(name: str, numel: int) -> torch.Tensor:
+    """A flat float32 buffer reused by every convolution of this thread (no page faults)."""
+    buffers: dict[str, torch.Tensor] = _scratch.__dict__.setdefault("buffers", {})
+    buf = buffers.get(name)
+    if buf is None or buf.numel() < numel:
+        buf = buffers[name] = torch.empty(numel)
+    return buf[:numel]
+
+
+def release_workspace() -> None:
+    """Free this thread's transform buffers (tens of MB for a 256 px tile)."""
+    _scratch.__dict__.pop("buffers", None)
+
+
+class WinogradConv2d(nn.Module):
+    """A 3x3 convolution (and the activation after it) computed with F(6x6, 3x3) on CPU fp32."""
+
+    conv: nn.Conv2d
+    u: torch.Tensor  # (64, Cin, Cout) transformed weight
+    b: torch.Tensor  # (Cout,) bias
+    slope: torch.Tensor  # (Cout,) negative-side slope of the fused activation
+
+    def __init__(self, conv: nn.Conv2d, activation: nn.Module | None = None) -> None:
+        super().__init__()
+        self.conv = conv
+        self.activation = activation if activation is not None else nn.Identity()
+        out_channels = conv.out_channels
+        self.register_buffer("u", transform_weight(conv.weight), persistent=False)
+        bias = conv.bias if conv.bias is not None else torch.zeros(out_channels)
+        self.register_buffer("b", bias.detach().float().clone(), persistent=False)
+        self.register_buffer("slope", _slope(activation, out_channels), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not runs_here(x):
+            out: torch.Tensor = self.activation(self.conv(x))
+            return out
+        n, channels, height, width = x.shape
+        v = _workspace("v", 64 * tiles(n, height, width) * channels)
+        v = v.view(64, -1, channels)
+        transform_input(x, v, 0)
+        return self.finish(v, (n, height, width)).permute(0, 3, 1, 2)  # channels_last NCHW
+
+    def finish(
+        self,
+        v: torch.Tensor,
+        shape: tuple[int, int, int],
+        residual: torch.Tensor | None = None,
+        scale: float = 1.0,
+    ) -> torch.Tensor:
+        """Products and output transform of transformed input `v` (64, tiles, Cin, rows may be
+        strided): NHWC (n, h, w, Cout) = act(conv) [· scale + residual (NHWC)]."""
+        cout = self.conv.out_channels
+        m = _workspace("m", v.shape[0] * v.shape[1] * cout).view(v.shape[0], v.shape[1], cout)
+        torch.bmm(v, self.u, out=m)
+        y = torch.empty((*shape, cout))
+        res = 0 if residual is None else residual.data_ptr()
+        pointers = (m.data_ptr(), self.b.data_ptr(), self.slope.data_ptr(), res, scale)
+        threads = torch.get_num_threads()
+        if kernels.library().wino_output(*pointers, y.data_ptr(), *shape, cout, threads) != 0:
+            raise MemoryError("winograd output transform: out of memory")
+        return y
+
+
+def runs_here(x: torch.Tensor) -> bool:
+    """Inputs the kernels take: fp32 on CPU, no autograd. Anything else runs the originals."""
+    return x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled()
+
+
+def tiles(n: int, height: int, width: int) -> int:
+    return n * -(-height // TILE) * -(-width // TILE)
+
+
+def transform_input(x: torch.Tensor, v: torch.Tensor, offset: int) -> None:
+    """Write the transform of x (NCHW, any layout) into channels [offset, offset + C) of v."""
+    n, channels, height, width = x.shape
+    nhwc = x.permute(0, 2, 3, 1).contiguous()  # free for channels_last input
+    assert v.is_contiguous() and v.shape[1] == tiles(n, height, width)
+    args = (n, height, width, channels, offset, v.shape[2], torch.get_num_threads())
+    if kernels.library().wino_input(nhwc.data_ptr(), v.data_ptr(), *args) != 0:
+        raise MemoryError("winograd input transform: out of memory")
+
+
+class WinogradDenseBlock(nn.Module):
+    """ESRGAN's ResidualDenseBlock_5C (`x5 * 0.2 + x`, each conv fed the concatenation of the
+    block input and all earlier outputs) with the concatenation kept in the Winograd domain:
+    the transform is linear and per channel, so each feature map is transformed once into its
+    channel slice of one buffer and every convolution multiplies a prefix of it (no torch.cat,
+    3.3x fewer input transforms); the residual is added in the last output transform."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+        self.convs = nn.ModuleList(
+            WinogradConv2d(seq[0], seq[1] if len(seq) > 1 else None)
+            for seq in (getattr(block, f"conv{i}") for i in range(1, 6))
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not runs_here(x):
+            out: torch.Tensor = self.block(x)
+            return out
+        n, channels, height, width = x.shape
+        shape = (n, height, width)
+        convs = [cast(WinogradConv2d, conv) for conv in self.convs]
+        total = convs[-1].conv.in_channels
+        v = _workspace("v", 64 * tiles(*shape) * total).view(64, -1, total)
+        transform_input(x, v, 0)
+        offset = channels
+        for conv in convs[:-1]:
+            y = conv.finish(v[:, :, :offset], shape)
+            transform_input(y.permute(0, 3, 1, 2), v, offset)
+            offset += y.shape[-1]
+        residual = x.permute(0, 2, 3, 1).contiguous()
+        out = convs[-1].finish(v, shape, residual, 0.2)
+        return out.permute(0, 3, 1, 2)
+
+
+def _slope(activation: nn.Module | None, channels: int) -> torch.Tensor:
+    """Per-channel slope of the negative side: 1 (none), 0 (ReLU), a (LeakyReLU), PReLU's."""
+    if activation is None:
+        return torch.ones(channels)
+    if isinstance(activation, nn.ReLU):
+        return torch.zeros(channels)
+    if isinstance(activation, nn.LeakyReLU):
+        return torch.full((channels,), float(activation.negative_slope))
+    if isinstance(activation, nn.PReLU):
+        return activation.weight.detach().float().expand(channels).clone()
+    raise TypeError(f"no fused form for {type(activation).__name__}")
+
+
+def eligible(module: nn.Module) -> bool:
+    """A plain 3x3 stride-1 'same' convolution with enough output channels to gain."""
+    return (
+        type(module) is nn.Conv2d
+        and module.kernel_size == (3, 3)
+        and module.stride == (1, 1)
+        and module.padding == (1, 1)
+        and module.dilation == (1, 1)
+        and module.groups == 1
+        and module.padding_mode == "zeros"
+        and module.out_channels >= MIN_CHANNELS
+    )
+
+
+def _dense_block(module: nn.Module) -> bool:
+    """spandrel's ResidualDenseBlock_5C without the conv1x1 variant, every conv eligible."""
+    if type(module).__name__ != "ResidualDenseBlock_5C" or getattr(module, "conv1x1", True):
+        return False
+    inputs = None
+    for i in range(1, 6):
+        seq = getattr(module, f"conv{i}", None)
+        if not isinstance(seq, nn.Sequential) or not 1 <= len(seq) <= 2:
+            return False
+        conv = seq[0]
+        if (
+            not isinstance(conv, nn.Conv2d)
+            or not eligible(conv)
+            or (inputs is not None and conv.in_channels != inputs)
+        ):
+            return False
+        if len(seq) == 2 and not _fusable(seq[1], conv.out_channels):
+            return False
+        inputs = conv.in_channels + conv.out_channels
+    return True
+
+
+def _fusable(module: nn.Module, channels: int) -> bool:
+    """An activation the output transform can apply: ReLU, LeakyReLU, PReLU (1 or per channel)."""
+    if type(module) is nn.PReLU:
+        return module.weight.numel() in (1, channels)
+    return type(module) in (nn.ReLU, nn.LeakyReLU)
+
+
+def convert(model: nn.Module, ordered: tuple[nn.Module, ...] = ()) -> int:
+    """Swap eligible convolutions for WinogradConv2d in place; how many were swapped.
+
+    In a `Sequential`, or a container in `ordered` (one whose owner runs its children in order,
+    like the body `ModuleList` of SRVGGNetCompact), a ReLU / LeakyReLU / PReLU right after the
+    convolution is fused into the output transform and its own slot becomes `Identity`.
+    """
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if _dense_block(child):
+                setattr(parent, name, WinogradDenseBlock(child))
+                swapped += 5
+    done = {
+        id(inner)
+        for m in model.modules()
+        if isinstance(m, WinogradDenseBlock)
+        for inner in m.modules()
+    }
+    for parent in list(model.modules()):
+        if id(parent) in done:  # the dense blocks' own parts (and the originals they keep)
+            continue
+        chain = isinstance(parent, nn.Sequential) or any(parent is o for o in ordered)
+        names = [name for name, _ in parent.named_children()]
+        for i, name in enumerate(names):
+            child = getattr(parent, name)
+            if not eligible(child):
+                continue
+            activation = None
+            if chain and i + 1 < len(names):
+                following = getattr(parent, names[i + 1])
+                if _fusable(following, child.out_channels):
+                    activation = following
+                    setattr(parent, names[i + 1], nn.Identity())
+            setattr(parent, name, WinogradConv2d(child, activation))
+            swapped += 1
+    return swapped

@@ -1,0 +1,147 @@
+"""Compile `winograd_kernels.c` for this CPU once, cache the shared library, load it with ctypes.
+
+Built with the machine's C compiler (`$CC`, else cc, gcc or clang) at `-O3 -march=native`,
+so the transforms use the widest vectors this CPU has. The library is cached under
+`$IMGSVC_KERNEL_CACHE` (default `~/.cache/imgsvc/kernels`, or the temp folder when home is not
+writable), named by a hash of the source, compiler, flags and CPU, and written atomically, so
+concurrent workers and later starts reuse it (~1 s to build). Without a compiler `available()`
+is False and upscaling keeps oneDNN's direct convolutions.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("winograd_kernels.c")
+# First choice: OpenMP, which binds to the libgomp torch has already loaded (same SONAME), so
+# the transforms run on torch's own thread pool; then POSIX threads (e.g. Apple clang).
+_FLAG_SETS = (
+    [
+        "-O3",
+        "-march=native",
+        "-fno-math-errno",
+        "-fno-trapping-math",
+        "-ffp-contract=fast",
+        "-fopenmp",
+    ],
+    ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=fast"],
+    [
+        "-O3",
+        "-fno-math-errno",
+        "-fno-trapping-math",
+        "-ffp-contract=fast",
+    ],  # compilers without -march=native
+)
+_lock = threading.Lock()
+_library: ctypes.CDLL | None = None
+_failure: str | None = None
+
+
+class KernelUnavailable(RuntimeError):
+    """No C compiler, or it could not build the kernels."""
+
+
+def available() -> bool:
+    try:
+        library()
+    except KernelUnavailable:
+        return False
+    return True
+
+
+def library() -> ctypes.CDLL:
+    """The loaded kernels; built on first use. Raises KernelUnavailable (remembered)."""
+    global _library, _failure
+    if _library is not None:
+        return _library
+    with _lock:
+        if _library is None and _failure is None:
+            try:
+                _library = _bind(ctypes.CDLL(str(_build())))
+            except (KernelUnavailable, OSError) as exc:
+                _failure = str(exc)
+                log.warning("winograd kernels unavailable (%s); using oneDNN convolutions", exc)
+        if _library is None:
+            raise KernelUnavailable(_failure or "not built")
+        return _library
+
+
+def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    ptr, long_, int_, float_ = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
+    lib.wino_input.argtypes = [ptr, ptr, *[long_] * 6, int_]
+    lib.wino_output.argtypes = [ptr, ptr, ptr, ptr, float_, ptr, *[long_] * 4, int_]
+    lib.wino_input.restype = lib.wino_output.restype = ctypes.c_int
+    return lib
+
+
+def _compiler() -> str:
+    for candidate in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if candidate and shutil.which(candidate.split()[0]):
+            return candidate
+    raise KernelUnavailable("no C compiler found (set CC, or install gcc or clang)")
+
+
+def cache_dir() -> Path:
+    configured = os.environ.get("IMGSVC_KERNEL_CACHE")
+    if configured:
+        return Path(configured)
+    home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    folder = home / "imgsvc" / "kernels"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+    except OSError:
+        return Path(tempfile.gettempdir()) / "imgsvc-kernels"
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: the machine and, on Linux, the CPU's feature flags."""
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags = line
+                break
+    except OSError:
+        pass
+    return f"{platform.machine()} {platform.processor()} {flags}"
+
+
+def _build() -> Path:
+    compiler = _compiler()
+    source = SOURCE.read_bytes()
+    folder = cache_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for flags in _FLAG_SETS:
+        key = hashlib.sha256(
+            b"\0".join(
+                [source, compiler.encode(), " ".join(flags).encode(), _cpu_signature().encode()]
+            )
+        ).hexdigest()[:16]
+        target = folder / f"winograd-{key}.so"
+        if target.is_file():
+            return target
+        fd, partial = tempfile.mkstemp(suffix=".so", dir=folder)
+        os.close(fd)
+        command = [*compiler.split(), *flags, "-shared", "-fPIC", "-pthread"]
+        command += [str(SOURCE), "-o", partial]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        if done.returncode == 0:
+            os.replace(partial, target)  # atomic: a concurrent build writes the same bytes
+            log.info("built winograd kernels: %s", target)
+            return target
+        os.unlink(partial)
+        errors.append(done.stderr.strip().splitlines()[-1:] or ["failed"])
+    raise KernelUnavailable(f"{compiler} could not build {SOURCE.name}: {errors}")

@@ -1,0 +1,215 @@
+/* Winograd F(6x6, 3x3) input and output transforms on NHWC float32 (see winograd.py).
+ *
+ * Channels are innermost, so every loop over `c` is a plain vector loop over eight input and
+ * up to eight output streams. Work is split by rows of tiles over `threads` POSIX threads
+ * started per call (they do not spin between calls, so they never compete with torch's own
+ * threads). Returns 0, or -1 when scratch memory or a thread could not be had.
+ */
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define TILE 6
+
+/* The channel loops read and write disjoint streams: say so, so they vectorize without
+ * run-time overlap checks (compilers give up on those past ~10 pointer pairs). */
+#if defined(__clang__)
+#define CHANNELS _Pragma("clang loop vectorize(assume_safety)")
+#elif defined(__GNUC__)
+#define CHANNELS _Pragma("GCC ivdep")
+#else
+#define CHANNELS
+#endif
+#define MAX_THREADS 64
+
+typedef struct {
+    const float *x; float *v; const float *m; const float *bias; const float *slope;
+    const float *residual; float scale; float *y;
+    long n, h, w, c, c_offset, c_total, tiles_y, tiles_x, row_begin, row_end;
+    int status;
+} job_t;
+
+/* o_k[c] = (Bt . (s_0[c], ..., s_7[c]))_k for c < C; the streams lie `is` / `os` floats apart */
+static void bt8(const float *s, long is, float *o, long os, long C)
+{
+    const float *restrict s0 = s, *restrict s1 = s + is, *restrict s2 = s + 2 * is;
+    const float *restrict s3 = s + 3 * is, *restrict s4 = s + 4 * is, *restrict s5 = s + 5 * is;
+    const float *restrict s6 = s + 6 * is, *restrict s7 = s + 7 * is;
+    float *restrict o0 = o, *restrict o1 = o + os, *restrict o2 = o + 2 * os;
+    float *restrict o3 = o + 3 * os, *restrict o4 = o + 4 * os, *restrict o5 = o + 5 * os;
+    float *restrict o6 = o + 6 * os, *restrict o7 = o + 7 * os;
+    CHANNELS for (long c = 0; c < C; c++) {
+        float d0 = s0[c], d1 = s1[c], d2 = s2[c], d3 = s3[c];
+        float d4 = s4[c], d5 = s5[c], d6 = s6[c], d7 = s7[c];
+        o0[c] = d0 - d6 + (d4 - d2) * 5.25f;
+        o7[c] = d7 - d1 + (d3 - d5) * 5.25f;
+        float a = d2 + d6 - d4 * 4.25f, b = d1 + d5 - d3 * 4.25f;
+        o1[c] = a + b;
+        o2[c] = a - b;
+        a = d6 + d2 * 0.25f - d4 * 1.25f;
+        b = d1 * 0.5f - d3 * 2.5f + d5 * 2.0f;
+        o3[c] = a + b;
+        o4[c] = a - b;
+        a = d6 + (d2 - d4 * 1.25f) * 4.0f;
+        b = d1 * 2.0f - d3 * 2.5f + d5 * 0.5f;
+        o5[c] = a + b;
+        o6[c] = a - b;
+    }
+}
+
+static void *input_job(void *arg)
+{
+    job_t *j = arg;
+    const long H = j->h, W = j->w, C = j->c, T = j->n * j->tiles_y * j->tiles_x;
+    float *scratch = malloc(sizeof(float) * 2 * 64 * C);
+    if (!scratch) { j->status = -1; return NULL; }
+    float *edge = scratch, *tmp = scratch + 64 * C;
+    for (long row = j->row_begin; row < j->row_end; row++) {
+        const long n = row / j->tiles_y, y0 = (row % j->tiles_y) * TILE - 1;
+        for (long tx = 0; tx < j->tiles_x; tx++) {
+            const long t = row * j->tiles_x + tx, x0 = tx * TILE - 1;
+            if (y0 >= 0 && x0 >= 0 && y0 + 8 <= H && x0 + 8 <= W) {
+                for (long i = 0; i < 8; i++) /* along x: row i of the tile */
+                    bt8(j->x + ((n * H + y0 + i) * W + x0) * C, C, tmp + i * 8 * C, C, C);
+            } else { /* a border tile: copy it with its zero padding first */
+                for (long i = 0; i < 8; i++)
+                    for (long k = 0; k < 8; k++) {
+                        float *dst = edge + (i * 8 + k) * C;
+                        const long yy = y0 + i, xx = x0 + k;
+                        if (yy >= 0 && yy < H && xx >= 0 && xx < W)
+                            memcpy(dst, j->x + ((n * H + yy) * W + xx) * C, sizeof(float) * C);
+                        else
+                            memset(dst, 0, sizeof(float) * C);
+                    }
+                for (long i = 0; i < 8; i++)
+                    bt8(edge + i * 8 * C, C, tmp + i * 8 * C, C, C);
+            }
+            const long CT = j->c_total; /* v's row: channels [c_offset, c_offset + C) of CT */
+            for (long k = 0; k < 8; k++) /* along y: column k, into v[l * 8 + k][t] */
+                bt8(tmp + k * C, 8 * C, j->v + (k * T + t) * CT + j->c_offset, 8 * T * CT, C);
+        }
+    }
+    free(scratch);
+    return NULL;
+}
+
+/* o_s[c] = (At . (m_0[c], ..., m_7[c]))_s + bias[c] for s < 6; streams `is` / `os` apart */
+static void at8(const float *m, long is, float *o, long os, const float *restrict bias, long C)
+{
+    const float *restrict m0 = m, *restrict m1 = m + is, *restrict m2 = m + 2 * is;
+    const float *restrict m3 = m + 3 * is, *restrict m4 = m + 4 * is, *restrict m5 = m + 5 * is;
+    const float *restrict m6 = m + 6 * is, *restrict m7 = m + 7 * is;
+    float *restrict o0 = o, *restrict o1 = o + os, *restrict o2 = o + 2 * os;
+    float *restrict o3 = o + 3 * os, *restrict o4 = o + 4 * os, *restrict o5 = o + 5 * os;
+    CHANNELS for (long c = 0; c < C; c++) {
+        float a = m1[c] + m2[c], b = m1[c] - m2[c], e = m3[c] + m4[c], f = m3[c] - m4[c];
+        float g = m5[c] + m6[c], h = m5[c] - m6[c], bc = bias[c];
+        o0[c] = m0[c] + a + e + g + bc;
+        o1[c] = b + f * 2.0f + h * 0.5f + bc;
+        o2[c] = a + e * 4.0f + g * 0.25f + bc;
+        o3[c] = b + f * 8.0f + h * 0.125f + bc;
+        o4[c] = a + e * 16.0f + g * 0.0625f + bc;
+        o5[c] = m7[c] + b + f * 32.0f + h * 0.03125f + bc;
+    }
+}
+
+static void *output_job(void *arg)
+{
+    job_t *j = arg;
+    const long H = j->h, W = j->w, C = j->c, T = j->n * j->tiles_y * j->tiles_x;
+    float *scratch = malloc(sizeof(float) * (48 + 36 + 1) * C);
+    if (!scratch) { j->status = -1; return NULL; }
+    /* tmp[p][s][:] (8x6), out[r][s][:] (6x6), zero[:] */
+    float *tmp = scratch, *out = scratch + 48 * C, *zero = scratch + 84 * C;
+    memset(zero, 0, sizeof(float) * C);
+    for (long row = j->row_begin; row < j->row_end; row++) {
+        const long n = row / j->tiles_y, oy = (row % j->tiles_y) * TILE;
+        for (long tx = 0; tx < j->tiles_x; tx++) {
+            const long t = row * j->tiles_x + tx, ox = tx * TILE;
+            for (long p = 0; p < 8; p++) /* along k: M[p][0..7] -> tmp[p][0..5] */
+                at8(j->m + (p * 8 * T + t) * C, T * C, tmp + p * 6 * C, C, zero, C);
+            for (long s = 0; s < 6; s++) /* along p: tmp[0..7][s] -> out[0..5][s] */
+                at8(tmp + s * C, 6 * C, out + s * C, 6 * C, j->bias, C);
+            const long rows = H - oy < TILE ? H - oy : TILE, cols = W - ox < TILE ? W - ox : TILE;
+            for (long r = 0; r < rows; r++)
+                for (long s = 0; s < cols; s++) {
+                    const float *restrict src = out + (r * 6 + s) * C;
+                    const float *restrict slope = j->slope;
+                    const long at = ((n * H + oy + r) * W + ox + s) * C;
+                    float *restrict dst = j->y + at;
+                    if (j->residual) {
+                        const float *restrict res = j->residual + at;
+                        const float scale = j->scale;
+                        CHANNELS for (long c = 0; c < C; c++) {
+                            float value = src[c], scaled = value * slope[c];
+                            dst[c] = (value > 0.0f ? value : scaled) * scale + res[c];
+                        }
+                    } else {
+                        CHANNELS for (long c = 0; c < C; c++) {
+                            float value = src[c], scaled = value * slope[c];
+                            dst[c] = value > 0.0f ? value : scaled;
+                        }
+                    }
+                }
+        }
+    }
+    free(scratch);
+    return NULL;
+}
+
+static int run(void *(*fn)(void *), job_t base, int threads)
+{
+    job_t jobs[MAX_THREADS];
+    const long rows = base.n * base.tiles_y;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads > rows) threads = (int)rows;
+    if (threads < 1) threads = 1;
+    for (int i = 0; i < threads; i++) {
+        jobs[i] = base;
+        jobs[i].row_begin = rows * i / threads;
+        jobs[i].row_end = rows * (i + 1) / threads;
+        jobs[i].status = 0;
+    }
+#ifdef _OPENMP
+    /* torch's own OpenMP runtime (same SONAME, already loaded): its thread pool, no contention */
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+    for (int i = 0; i < threads; i++) fn(&jobs[i]);
+#else
+    pthread_t ids[MAX_THREADS];
+    int started = 0;
+    for (int i = 1; i < threads; i++) {
+        if (pthread_create(&ids[i], NULL, fn, &jobs[i]) != 0) break;
+        started = i;
+    }
+    for (int i = started + 1; i < threads; i++) fn(&jobs[i]); /* threads that did not start */
+    fn(&jobs[0]);
+    for (int i = 1; i <= started; i++) pthread_join(ids[i], NULL);
+#endif
+    int status = 0;
+    for (int i = 0; i < threads; i++) status |= jobs[i].status;
+    return status;
+}
+
+/* x (n, h, w, c) -> channels [c_offset, c_offset + c) of v (64, tiles, c_total) */
+int wino_input(const float *x, float *v, long n, long h, long w, long c, long c_offset,
+               long c_total, int threads)
+{
+    job_t base = {0};
+    base.x = x; base.v = v; base.n = n; base.h = h; base.w = w; base.c = c;
+    base.c_offset = c_offset; base.c_total = c_total;
+    base.tiles_y = (h + TILE - 1) / TILE; base.tiles_x = (w + TILE - 1) / TILE;
+    return run(input_job, base, threads);
+}
+
+/* m (64, tiles, c) -> y (n, h, w, c) = f(At M A + bias), f(x) = x if x > 0 else slope[c] * x;
+ * with a residual (n, h, w, c): y = f(...) * scale + residual */
+int wino_output(const float *m, const float *bias, const float *slope, const float *residual,
+                float scale, float *y, long n, long h, long w, long c, int threads)
+{
+    job_t base = {0};
+    base.m = m; base.bias = bias; base.slope = slope; base.residual = residual;
+    base.scale = scale; base.y = y;
+    base.n = n; base.h = h; base.w = w; base.c = c;
+    base.tiles_y = (h + TILE - 1) / TILE; base.tiles_x = (w + TILE - 1) / TILE;
+    return run(output_job, base, threads);
+}

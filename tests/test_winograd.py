@@ -1,0 +1,244 @@
+"""Winograd F(6,3) convolutions: against torch's direct convolution, on every shape and
+activation it takes, inside real models, and in the service's upscaler (plus its fallbacks)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from imgsvc.models import winograd, winograd_build
+from imgsvc.models.device import DeviceSpec
+from imgsvc.models.tiling import ArraySink
+from imgsvc.models.upscale import Upscaler
+from tests.upscale_helpers import psnr
+from tests.utils import DATA, REPO
+
+pytestmark = pytest.mark.skipif(
+    not winograd_build.available(), reason="no C compiler: the Winograd kernels cannot be built"
+)
+NATIVE_BF16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _threads() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def close(out: torch.Tensor, ref: torch.Tensor) -> None:
+    """fp32 agreement: F(6,3) rounds differently from a direct sum, by ~1e-6 of the scale."""
+    assert out.shape == ref.shape
+    scale = float(ref.abs().max()) or 1.0
+    error = float((out - ref).abs().max()) / scale
+    assert error < 2e-5, error
+
+
+ACTIVATIONS = {
+    "none": lambda c: None,
+    "relu": lambda c: nn.ReLU(),
+    "leaky": lambda c: nn.LeakyReLU(0.2),
+    "prelu1": lambda c: nn.PReLU(1, init=0.1),
+    "prelu": lambda c: nn.PReLU(c),
+}
+
+
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+@pytest.mark.parametrize(
+    ("n", "cin", "cout", "h", "w"),
+    [
+        (1, 64, 64, 128, 128),  # whole tiles (128 = 21*6 + 2)
+        (2, 3, 16, 13, 1),  # one column, 3 input channels, a batch
+        (1, 192, 32, 6, 12),  # exact multiples of the tile
+        (1, 20, 17, 7, 29),  # channel counts that are no multiple of the vector width
+        (1, 16, 48, 1, 1),  # a single pixel: all padding
+    ],
+)
+def test_matches_direct_convolution(
+    activation: str, n: int, cin: int, cout: int, h: int, w: int
+) -> None:
+    torch.manual_seed(cin * cout + h)
+    conv = nn.Conv2d(cin, cout, 3, padding=1)
+    act = ACTIVATIONS[activation](cout)
+    if isinstance(act, nn.PReLU):
+        act.weight.data.uniform_(-0.5, 0.5)  # negative slopes too
+    x = torch.randn(n, cin, h, w)
+    with torch.inference_mode():
+        ref = conv(x) if act is None else act(conv(x))
+        fused = winograd.WinogradConv2d(conv, act)
+        for layout in (torch.contiguous_format, torch.channels_last):
+            out = fused(x.contiguous(memory_format=layout))
+            close(out, ref)
+            assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_thread_counts_agree() -> None:
+    conv = nn.Conv2d(32, 32, 3, padding=1)
+    x = torch.randn(2, 32, 50, 70)
+    fused = winograd.WinogradConv2d(conv)
+    results = []
+    with torch.inference_mode():
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(fused(x))
+    torch.set_num_threads(2)
+    for out in results[1:]:
+        close(out, results[0])
+
+
+def test_other_inputs_run_the_original_modules() -> None:
+    """bf16, autograd: the module computes exactly what conv + activation compute."""
+    conv, act = nn.Conv2d(16, 16, 3, padding=1), nn.LeakyReLU(0.2)
+    fused = winograd.WinogradConv2d(conv, act)
+    x = torch.randn(1, 16, 9, 9)
+    assert torch.equal(fused(x), act(conv(x)))  # grad enabled
+    with torch.inference_mode():
+        xb, cb = x.bfloat16(), nn.Conv2d(16, 16, 3, padding=1).bfloat16()
+        assert torch.equal(winograd.WinogradConv2d(cb, act)(xb), act(cb(xb)))
+
+
+def test_convert_swaps_only_what_it_can_compute() -> None:
+    model = nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1),  # swapped, its PReLU fused
+        nn.PReLU(32),
+        nn.Conv2d(32, 32, 3, padding=1, stride=2),  # stride 2: kept
+        nn.Conv2d(32, 32, 3, padding=2, dilation=2),  # dilated: kept
+        nn.Conv2d(32, 32, 3, padding=1, groups=2),  # grouped: kept
+        nn.Conv2d(32, 32, 1),  # 1x1: kept
+        nn.Conv2d(32, 8, 3, padding=1),  # 8 outputs: kept (below MIN_CHANNELS)
+        nn.Conv2d(8, 16, 3, padding=1, padding_mode="reflect"),  # not zero padding: kept
+        nn.Conv2d(16, 16, 3, padding=1),  # swapped, no activation after it
+        nn.Tanh(),
+    ).eval()
+    x = torch.randn(1, 3, 40, 40)
+    with torch.inference_mode():
+        ref = model(x)
+        assert winograd.convert(model) == 2
+        kinds = [type(m).__name__ for m in model]
+        assert kinds[:2] == ["WinogradConv2d", "Identity"]
+        assert kinds[2:8] == ["Conv2d"] * 6 and kinds[8] == "WinogradConv2d"
+        close(model(x), ref)
+
+
+def test_rrdbnet_dense_blocks_run_in_the_transformed_domain() -> None:
+    """ESRGAN's dense blocks become WinogradDenseBlock (concatenation in the Winograd domain,
+    residual fused) and the whole network still computes what it computed."""
+    from spandrel.architectures.ESRGAN import ESRGAN
+
+    torch.manual_seed(1)
+    model = ESRGAN(in_nc=3, out_nc=3, num_filters=24, num_blocks=2, scale=2).eval()
+    x = torch.rand(1, 3, 23, 31)
+    with torch.inference_mode():
+        ref = model(x)
+        swapped = winograd.convert(model)
+        blocks = [m for m in model.modules() if isinstance(m, winograd.WinogradDenseBlock)]
+        assert len(blocks) == 2 * 3 and swapped >= 2 * 3 * 5
+        close(model(x), ref)
+
+
+def test_compact_prelus_fuse_in_its_body() -> None:
+    from spandrel.architectures.Compact import Compact
+
+    torch.manual_seed(2)
+    model = Compact(num_in_ch=3, num_out_ch=3, num_feat=16, num_conv=3, upscale=4).eval()
+    for p in model.parameters():  # PReLU weights away from the default 0.25
+        if p.dim() == 1:
+            p.data.uniform_(-0.3, 0.3)
+    x = torch.rand(1, 3, 17, 19)
+    with torch.inference_mode():
+        ref = model(x)
+        assert winograd.convert(model, (model.body,)) == 5
+        assert sum(isinstance(m, nn.PReLU) for m in model.body) == 0  # all fused
+        close(model(x), ref)
+
+
+def upscale(up: Upscaler, img: Image.Image) -> np.ndarray:
+    w, h = up.native_size(img.size)
+    sink = ArraySink(h, w, 3)
+    up.stream(img, sink)
+    return sink.array
+
+
+@pytest.mark.skipif(NATIVE_BF16, reason="on CPUs with native bf16 the upscaler uses bf16 first")
+@pytest.mark.parametrize("name", ["realesr-animevideov3", "realesrgan-x4plus-anime"])
+def test_upscaler_uses_winograd_with_the_same_result(repo_weights: Path, name: str) -> None:
+    """The service's CPU fp32 path: Winograd by default, within rounding of oneDNN's result."""
+    path = repo_weights / "upscale" / f"{name}.safetensors"
+    cpu = DeviceSpec("cpu", None)
+    fast = Upscaler(name, path, cpu, tile=256)
+    direct = Upscaler(name, path, cpu, tile=256, cpu_winograd=False)
+    assert (fast.convolutions, direct.convolutions) == ("winograd", "direct")
+    assert fast.precision == direct.precision == "float32"
+    photo = Image.open(DATA / "car.jpg").convert("RGB").crop((100, 50, 196, 146))
+    a, b = upscale(fast, photo), upscale(direct, photo)
+    value, worst = psnr(a, b), int(np.abs(a.astype(int) - b).max())
+    print(f"{name}: winograd vs direct PSNR {value:.1f} dB, max diff {worst}")
+    assert value >= 60
+    assert worst <= 2  # uint8 values: rounding at most
+
+
+CHILD = """
+import json, sys
+from pathlib import Path
+import torch
+from PIL import Image
+from imgsvc.models import winograd_build
+from imgsvc.models.device import DeviceSpec
+from imgsvc.models.tiling import ArraySink
+from imgsvc.models.upscale import Upscaler
+up = Upscaler("c", Path(sys.argv[1]), DeviceSpec("cpu", None), tile=64, cpu_bf16=False)
+sink = ArraySink(64, 64, 3)
+up.stream(Image.new("RGB", (32, 32), (200, 30, 90)), sink)
+print(json.dumps({"available": winograd_build.available(), "convolutions": up.convolutions,
+                  "mean": float(sink.array.mean())}))
+"""
+
+
+def test_without_a_compiler_the_service_runs_direct_convolutions(tmp_path: Path) -> None:
+    """No cc/gcc/clang on PATH and nothing cached: upscaling still works, on oneDNN."""
+    from tests.upscale_helpers import save_tiny_compact
+
+    weights = save_tiny_compact(tmp_path / "tiny.pth")
+    env = {
+        **os.environ,
+        "PATH": str(tmp_path / "empty"),
+        "IMGSVC_KERNEL_CACHE": str(tmp_path / "kernels"),
+    }
+    env.pop("CC", None)
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, str(weights)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["available"] is False and result["convolutions"] == "direct"
+    assert result["mean"] > 0
+    assert "no C compiler" in done.stderr  # said once, in the log
+
+
+def test_kernels_are_cached_by_source_compiler_and_cpu(tmp_path: Path) -> None:
+    env = {**os.environ, "IMGSVC_KERNEL_CACHE": str(tmp_path)}
+    code = "from imgsvc.models import winograd_build as b; b.library(); print(b.available())"
+    for _ in range(2):  # the second start finds the first one's build
+        done = subprocess.run(
+            [sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True
+        )
+        assert done.stdout.strip() == "True", done.stderr[-2000:]
+    built = list(tmp_path.iterdir())
+    assert len(built) == 1 and built[0].name.startswith("winograd-"), built  # no partial files
