@@ -3,7 +3,9 @@
 CPU (default): the same 128x128 crop of a real photo, the same thread count, the contenders
 called in turns (interleaved rounds, at least N and at least 10 s), medians of each, for
   - torch plain: the spandrel model as loaded, fp32, contiguous (the PERF-NOTES baseline),
-  - ours: `Upscaler.stream` as the service runs it (channels_last, inference mode, tiling),
+  - ours direct: `Upscaler.stream` with oneDNN's direct fp32 convolutions (no bf16, no Winograd),
+  - ours: `Upscaler.stream` as the service runs it (channels_last, inference mode, tiling; on
+    CPUs with native bf16 bf16 / mixed bf16, elsewhere fp32 with Winograd F(6,3) convolutions),
   - ncnn: the `ncnn` package running weights/ncnn/*.param/.bin with its default CPU options.
 GPU (`--gpu`, needs CUDA): x4plus on a 512x512 input in fp16 and bf16, megapixels per second
 and the share of the H200's ~790 dense fp16/bf16 TFLOP/s this reaches (35.9 MFLOP per px).
@@ -96,13 +98,15 @@ def torch_plain(name: str, img: Image.Image) -> Callable[[], object]:
 
 
 def ours(
-    name: str, img: Image.Image, *, compile: bool = False, cpu_bf16: bool = True
+    name: str, img: Image.Image, *, compile: bool = False, fast: bool = True
 ) -> tuple[Callable[[], np.ndarray], str]:
-    """The service's path (`Upscaler.stream` to uint8 rows), and the precision it runs in."""
+    """The service's path (`Upscaler.stream` to uint8 rows) and how it computes; `fast=False`
+    turns bf16 and Winograd off (oneDNN's direct fp32 convolutions)."""
     path = WEIGHTS / "upscale" / f"{name}.safetensors"
     spec = DeviceSpec("cpu", None)
-    up = Upscaler(name, path, spec, tile=256, compile=compile, cpu_bf16=cpu_bf16)
-    print(f"  ({name}: ours runs in {up.precision}, compile={compile})", flush=True)
+    up = Upscaler(name, path, spec, tile=256, compile=compile, cpu_bf16=fast, cpu_winograd=fast)
+    how = up.precision if up.convolutions == "direct" else f"{up.precision}, {up.convolutions}"
+    print(f"  ({name}: runs in {how}, compile={compile})", flush=True)
 
     def call() -> np.ndarray:
         w, h = up.native_size(img.size)
@@ -110,7 +114,7 @@ def ours(
         up.stream(img, sink)
         return sink.array
 
-    return call, up.precision
+    return call, how
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -148,19 +152,19 @@ def cpu(models: list[str], size: int, runs: int, threads: int, *, with_compile: 
         f"filling >= {MIN_SECONDS:g} s (torch {torch.__version__})"
     )
     print(
-        "| model | torch plain fp32 | ours fp32 | ours | ours vs fp32 (PSNR) "
-        "| ours + torch.compile | ncnn | ours vs ncnn | ours s per input MP | rounds |"
+        "| model | torch plain fp32 | ours direct fp32 | ours | ours vs direct (PSNR) "
+        "| direct + torch.compile | ncnn | ours vs ncnn | ours s per input MP | rounds |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name in models:
-        fp32_call, _ = ours(name, img, cpu_bf16=False)
+        fp32_call, _ = ours(name, img, fast=False)
         mine_call, precision = ours(name, img)
         quality = psnr(fp32_call(), mine_call())
         calls = [
             torch_plain(name, img),
             fp32_call,
             mine_call,
-            ours(name, img, compile=with_compile)[0],
+            ours(name, img, compile=with_compile, fast=False)[0],
             ncnn_run(name, img, threads),
         ]
         (plain, fp32, mine, compiled, reference), rounds = interleaved_medians(calls, runs)

@@ -24,6 +24,7 @@ from imgsvc.billing.pricing import load_prices
 from imgsvc.billing.ratelimit import RateLimiter
 from imgsvc.config import Settings
 from imgsvc.errors import ServiceError
+from imgsvc.models import winograd_build
 from imgsvc.models.background import require_onnx_cuda
 from imgsvc.models.device import select_device
 from imgsvc.models.registry import Registry
@@ -52,6 +53,8 @@ _HTTP_CODES = {
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the application. Raises DeviceUnavailable if IMGSVC_DEVICE=cuda has no GPU."""
     settings = settings or Settings()
+    if settings.kernel_cache is not None:
+        winograd_build.use_cache_dir(settings.kernel_cache)
     device = select_device(settings.device)
     if settings.device == "cuda":
         require_onnx_cuda()  # background removal would otherwise run on the CPU unnoticed

@@ -55,6 +55,11 @@ class Settings(BaseSettings):
         "the machine's C compiler at first use; 1.5-2x faster than oneDNN, same fp32 result); "
         "false = oneDNN's direct convolutions",
     )
+    kernel_cache: Path | None = Field(
+        None,
+        description="folder for the Winograd kernels built for this CPU "
+        "(default ~/.cache/imgsvc/kernels)",
+    )
     max_inpaint_steps: int = Field(100, ge=1)
     dev_key_credits: int = Field(1000, description="credits of the key made on first start")
     concurrency_remove_background: int = Field(2, ge=1)

@@ -83,6 +83,18 @@ def test_matches_direct_convolution(
             assert out.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("band_bytes", [1, 64 * 4 * 9 * 24 * 2])  # one tile row; two
+def test_bands_of_tile_rows_give_the_same_result(
+    monkeypatch: pytest.MonkeyPatch, band_bytes: int
+) -> None:
+    """Large images run in bands of tile rows; a band may end inside an image of a batch."""
+    monkeypatch.setattr(winograd, "BAND_BYTES", band_bytes)
+    conv, act = nn.Conv2d(24, 16, 3, padding=1), nn.LeakyReLU(0.1)
+    x = torch.randn(2, 24, 31, 50)  # 6 tile rows per image, 9 tiles per row
+    with torch.inference_mode():
+        close(winograd.WinogradConv2d(conv, act)(x), act(conv(x)))
+
+
 def test_thread_counts_agree() -> None:
     conv = nn.Conv2d(32, 32, 3, padding=1)
     x = torch.randn(2, 32, 50, 70)
@@ -161,6 +173,12 @@ def test_compact_prelus_fuse_in_its_body() -> None:
         assert winograd.convert(model, (model.body,)) == 5
         assert sum(isinstance(m, nn.PReLU) for m in model.body) == 0  # all fused
         close(model(x), ref)
+        assert winograd.fuse_compact_tail(model)  # pixel shuffle + upscaled input in one pass
+        out = model(x)
+        close(out, ref)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    close(model(x).detach(), ref)  # with autograd on: the original modules and tail
+    assert not winograd.fuse_compact_tail(nn.Sequential(nn.Conv2d(3, 3, 1)))
 
 
 def upscale(up: Upscaler, img: Image.Image) -> np.ndarray:

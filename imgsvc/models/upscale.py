@@ -202,6 +202,7 @@ class Upscaler:
             ordered = (body,)  # SRVGGNetCompact runs its body ModuleList in order: PReLUs fuse
         if winograd.convert(model, ordered):
             self.convolutions = "winograd"
+            winograd.fuse_compact_tail(model)
 
     # -- public API ------------------------------------------------------------------------
     def native_size(self, size: tuple[int, int]) -> tuple[int, int]:

@@ -36,6 +36,10 @@ from imgsvc.models import winograd_build as kernels
 # saves (a model's 3-channel first convolution still gains: oneDNN is slow on 3-channel NHWC).
 MIN_CHANNELS = 16
 TILE = 6  # output pixels per tile edge; the input tile is 8 (TILE + 3 - 1)
+# A convolution runs in bands of tile rows whose transformed input (and output) take at most
+# this much, so they stay in cache between the three steps: at 512x512 one pass over the whole
+# image (120 MB each) made the transforms 3x slower per tile than at 128x128.
+BAND_BYTES = 8 * 2**20
 
 # G of F(6,3): U = G g Gᵀ turns a 3x3 kernel into 8x8 (Bᵀ and Aᵀ are written out in the kernels)
 _G = np.array(
@@ -99,30 +103,38 @@ class WinogradConv2d(nn.Module):
             out: torch.Tensor = self.activation(self.conv(x))
             return out
         n, channels, height, width = x.shape
-        v = _workspace("v", 64 * tiles(n, height, width) * channels)
-        v = v.view(64, -1, channels)
-        transform_input(x, v, 0)
-        return self.finish(v, (n, height, width)).permute(0, 3, 1, 2)  # channels_last NCHW
+        nhwc = x.permute(0, 2, 3, 1).contiguous()  # free for channels_last input
+        y = torch.empty((n, height, width, self.conv.out_channels))
+        rows, per_row = n * -(-height // TILE), -(-width // TILE)
+        widest = max(channels, self.conv.out_channels)
+        step = max(1, BAND_BYTES // (64 * 4 * per_row * widest))
+        for start in range(0, rows, step):
+            band = (start, min(rows, start + step))
+            v = _workspace("v", 64 * (band[1] - band[0]) * per_row * channels)
+            v = v.view(64, -1, channels)
+            transform_input(nhwc, v, 0, band)
+            self.finish(v, y, band)
+        return y.permute(0, 3, 1, 2)  # NCHW view of NHWC memory: channels_last
 
     def finish(
         self,
         v: torch.Tensor,
-        shape: tuple[int, int, int],
+        y: torch.Tensor,
+        band: tuple[int, int],
         residual: torch.Tensor | None = None,
         scale: float = 1.0,
-    ) -> torch.Tensor:
-        """Products and output transform of transformed input `v` (64, tiles, Cin, rows may be
-        strided): NHWC (n, h, w, Cout) = act(conv) [· scale + residual (NHWC)]."""
+    ) -> None:
+        """Products and output transform of the band's transformed input `v` (64, tiles, Cin;
+        rows may be strided) into its pixels of y (NHWC): act(conv) [· scale + residual]."""
         cout = self.conv.out_channels
         m = _workspace("m", v.shape[0] * v.shape[1] * cout).view(v.shape[0], v.shape[1], cout)
         torch.bmm(v, self.u, out=m)
-        y = torch.empty((*shape, cout))
         res = 0 if residual is None else residual.data_ptr()
         pointers = (m.data_ptr(), self.b.data_ptr(), self.slope.data_ptr(), res, scale)
-        threads = torch.get_num_threads()
-        if kernels.library().wino_output(*pointers, y.data_ptr(), *shape, cout, threads) != 0:
+        n, height, width, _ = y.shape
+        dims = (n, height, width, cout, *band, torch.get_num_threads())
+        if kernels.library().wino_output(*pointers, y.data_ptr(), *dims) != 0:
             raise MemoryError("winograd output transform: out of memory")
-        return y
 
 
 def runs_here(x: torch.Tensor) -> bool:
@@ -130,16 +142,19 @@ def runs_here(x: torch.Tensor) -> bool:
     return x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled()
 
 
-def tiles(n: int, height: int, width: int) -> int:
-    return n * -(-height // TILE) * -(-width // TILE)
+def tile_rows(n: int, height: int) -> int:
+    return n * -(-height // TILE)
 
 
-def transform_input(x: torch.Tensor, v: torch.Tensor, offset: int) -> None:
-    """Write the transform of x (NCHW, any layout) into channels [offset, offset + C) of v."""
-    n, channels, height, width = x.shape
-    nhwc = x.permute(0, 2, 3, 1).contiguous()  # free for channels_last input
-    assert v.is_contiguous() and v.shape[1] == tiles(n, height, width)
-    args = (n, height, width, channels, offset, v.shape[2], torch.get_num_threads())
+def transform_input(
+    nhwc: torch.Tensor, v: torch.Tensor, offset: int, band: tuple[int, int]
+) -> None:
+    """The transform of tile rows [band) of `nhwc` (contiguous (n, h, w, C)) into channels
+    [offset, offset + C) of v (64, band tiles, total channels)."""
+    n, height, width, channels = nhwc.shape
+    assert nhwc.is_contiguous() and v.is_contiguous()
+    assert v.shape[1] == (band[1] - band[0]) * -(-width // TILE)
+    args = (n, height, width, channels, offset, v.shape[2], *band, torch.get_num_threads())
     if kernels.library().wino_input(nhwc.data_ptr(), v.data_ptr(), *args) != 0:
         raise MemoryError("winograd input transform: out of memory")
 
@@ -164,19 +179,55 @@ class WinogradDenseBlock(nn.Module):
             out: torch.Tensor = self.block(x)
             return out
         n, channels, height, width = x.shape
-        shape = (n, height, width)
+        band = (0, tile_rows(n, height))  # the whole image: each conv needs all of the last
         convs = [cast(WinogradConv2d, conv) for conv in self.convs]
         total = convs[-1].conv.in_channels
-        v = _workspace("v", 64 * tiles(*shape) * total).view(64, -1, total)
-        transform_input(x, v, 0)
+        v = _workspace("v", 64 * band[1] * -(-width // TILE) * total).view(64, -1, total)
+        nhwc = x.permute(0, 2, 3, 1).contiguous()
+        transform_input(nhwc, v, 0, band)
         offset = channels
         for conv in convs[:-1]:
-            y = conv.finish(v[:, :, :offset], shape)
-            transform_input(y.permute(0, 3, 1, 2), v, offset)
+            y = torch.empty((n, height, width, conv.conv.out_channels))
+            conv.finish(v[:, :, :offset], y, band)
+            transform_input(y, v, offset, band)
             offset += y.shape[-1]
-        residual = x.permute(0, 2, 3, 1).contiguous()
-        out = convs[-1].finish(v, shape, residual, 0.2)
+        out = torch.empty_like(nhwc)
+        convs[-1].finish(v, out, band, nhwc, 0.2)
         return out.permute(0, 3, 1, 2)
+
+
+def fuse_compact_tail(model: nn.Module) -> bool:
+    """SRVGGNetCompact (Real-ESRGAN Compact): after its body, one C pass does pixel_shuffle, the
+    nearest-neighbour upscaled input and their sum (instead of three full-size tensors), and
+    returns NHWC memory (channels_last). False, untouched, for anything else."""
+    body, shuffle = getattr(model, "body", None), getattr(model, "upsampler", None)
+    scale, channels = getattr(model, "upscale", None), getattr(model, "num_out_ch", None)
+    if type(model).__name__ != "SRVGGNetCompact" or not isinstance(body, nn.ModuleList):
+        return False
+    if not isinstance(shuffle, nn.PixelShuffle) or shuffle.upscale_factor != scale:
+        return False
+    if not isinstance(scale, int) or not isinstance(channels, int):
+        return False
+    original = model.forward
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if not runs_here(x) or x.shape[1] != channels:
+            out: torch.Tensor = original(x)
+            return out
+        y = x
+        for layer in body:
+            y = layer(y)
+        n, _, height, width = x.shape
+        y_nhwc = y.permute(0, 2, 3, 1).contiguous()
+        x_nhwc = x.permute(0, 2, 3, 1).contiguous()
+        out = torch.empty((n, height * scale, width * scale, channels))
+        pointers = (y_nhwc.data_ptr(), x_nhwc.data_ptr(), out.data_ptr())
+        dims = (n, height, width, channels, scale, torch.get_num_threads())
+        kernels.library().shuffle_add(*pointers, *dims)
+        return out.permute(0, 3, 1, 2)
+
+    model.forward = forward
+    return True
 
 
 def _slope(activation: nn.Module | None, channels: int) -> torch.Tensor:

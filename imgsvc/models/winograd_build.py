@@ -2,7 +2,7 @@
 
 Built with the machine's C compiler (`$CC`, else cc, gcc or clang) at `-O3 -march=native`,
 so the transforms use the widest vectors this CPU has. The library is cached under
-`$IMGSVC_KERNEL_CACHE` (default `~/.cache/imgsvc/kernels`, or the temp folder when home is not
+`IMGSVC_KERNEL_CACHE` (default `~/.cache/imgsvc/kernels`, or the temp folder when home is not
 writable), named by a hash of the source, compiler, flags and CPU, and written atomically, so
 concurrent workers and later starts reuse it (~1 s to build). Without a compiler `available()`
 is False and upscaling keeps oneDNN's direct convolutions.
@@ -46,6 +46,7 @@ _FLAG_SETS = (
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
 _failure: str | None = None
+_cache_dir: Path | None = None  # Settings.kernel_cache, else $IMGSVC_KERNEL_CACHE, else home
 
 
 class KernelUnavailable(RuntimeError):
@@ -79,9 +80,10 @@ def library() -> ctypes.CDLL:
 
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     ptr, long_, int_, float_ = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
-    lib.wino_input.argtypes = [ptr, ptr, *[long_] * 6, int_]
-    lib.wino_output.argtypes = [ptr, ptr, ptr, ptr, float_, ptr, *[long_] * 4, int_]
-    lib.wino_input.restype = lib.wino_output.restype = ctypes.c_int
+    lib.wino_input.argtypes = [ptr, ptr, *[long_] * 8, int_]
+    lib.wino_output.argtypes = [ptr, ptr, ptr, ptr, float_, ptr, *[long_] * 6, int_]
+    lib.shuffle_add.argtypes = [ptr, ptr, ptr, *[long_] * 5, int_]
+    lib.wino_input.restype = lib.wino_output.restype = lib.shuffle_add.restype = ctypes.c_int
     return lib
 
 
@@ -92,8 +94,14 @@ def _compiler() -> str:
     raise KernelUnavailable("no C compiler found (set CC, or install gcc or clang)")
 
 
+def use_cache_dir(folder: Path) -> None:
+    """Build into / load from `folder` (before the first build)."""
+    global _cache_dir
+    _cache_dir = folder
+
+
 def cache_dir() -> Path:
-    configured = os.environ.get("IMGSVC_KERNEL_CACHE")
+    configured = _cache_dir or os.environ.get("IMGSVC_KERNEL_CACHE")
     if configured:
         return Path(configured)
     home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")

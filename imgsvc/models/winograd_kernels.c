@@ -1,7 +1,9 @@
 /* Winograd F(6x6, 3x3) input and output transforms on NHWC float32 (see winograd.py).
  *
  * Channels are innermost, so every loop over `c` is a plain vector loop over eight input and
- * up to eight output streams. Work is split by rows of tiles over `threads` POSIX threads
+ * up to eight output streams. A call covers a band of tile rows [band_begin, band_end) of the
+ * image (so that its share of `v` and `m` stays in cache); its tiles are split evenly over
+ * `threads`
  * started per call (they do not spin between calls, so they never compete with torch's own
  * threads). Returns 0, or -1 when scratch memory or a thread could not be had.
  */
@@ -25,7 +27,9 @@
 typedef struct {
     const float *x; float *v; const float *m; const float *bias; const float *slope;
     const float *residual; float scale; float *y;
-    long n, h, w, c, c_offset, c_total, tiles_y, tiles_x, row_begin, row_end;
+    long n, h, w, c, c_offset, c_total, tiles_y, tiles_x;
+    long band_begin, band_tiles; /* first tile row of the band; tiles in the band (= T) */
+    long t_begin, t_end;         /* this job's tiles, as indices into the band */
     int status;
 } job_t;
 
@@ -60,14 +64,15 @@ static void bt8(const float *s, long is, float *o, long os, long C)
 static void *input_job(void *arg)
 {
     job_t *j = arg;
-    const long H = j->h, W = j->w, C = j->c, T = j->n * j->tiles_y * j->tiles_x;
+    const long H = j->h, W = j->w, C = j->c, T = j->band_tiles;
     float *scratch = malloc(sizeof(float) * 2 * 64 * C);
     if (!scratch) { j->status = -1; return NULL; }
     float *edge = scratch, *tmp = scratch + 64 * C;
-    for (long row = j->row_begin; row < j->row_end; row++) {
+    for (long t = j->t_begin; t < j->t_end; t++) {
+        const long row = j->band_begin + t / j->tiles_x, tx = t % j->tiles_x;
         const long n = row / j->tiles_y, y0 = (row % j->tiles_y) * TILE - 1;
-        for (long tx = 0; tx < j->tiles_x; tx++) {
-            const long t = row * j->tiles_x + tx, x0 = tx * TILE - 1;
+        {
+            const long x0 = tx * TILE - 1;
             if (y0 >= 0 && x0 >= 0 && y0 + 8 <= H && x0 + 8 <= W) {
                 for (long i = 0; i < 8; i++) /* along x: row i of the tile */
                     bt8(j->x + ((n * H + y0 + i) * W + x0) * C, C, tmp + i * 8 * C, C, C);
@@ -116,16 +121,17 @@ static void at8(const float *m, long is, float *o, long os, const float *restric
 static void *output_job(void *arg)
 {
     job_t *j = arg;
-    const long H = j->h, W = j->w, C = j->c, T = j->n * j->tiles_y * j->tiles_x;
+    const long H = j->h, W = j->w, C = j->c, T = j->band_tiles;
     float *scratch = malloc(sizeof(float) * (48 + 36 + 1) * C);
     if (!scratch) { j->status = -1; return NULL; }
     /* tmp[p][s][:] (8x6), out[r][s][:] (6x6), zero[:] */
     float *tmp = scratch, *out = scratch + 48 * C, *zero = scratch + 84 * C;
     memset(zero, 0, sizeof(float) * C);
-    for (long row = j->row_begin; row < j->row_end; row++) {
+    for (long t = j->t_begin; t < j->t_end; t++) {
+        const long row = j->band_begin + t / j->tiles_x, tx = t % j->tiles_x;
         const long n = row / j->tiles_y, oy = (row % j->tiles_y) * TILE;
-        for (long tx = 0; tx < j->tiles_x; tx++) {
-            const long t = row * j->tiles_x + tx, ox = tx * TILE;
+        {
+            const long ox = tx * TILE;
             for (long p = 0; p < 8; p++) /* along k: M[p][0..7] -> tmp[p][0..5] */
                 at8(j->m + (p * 8 * T + t) * C, T * C, tmp + p * 6 * C, C, zero, C);
             for (long s = 0; s < 6; s++) /* along p: tmp[0..7][s] -> out[0..5][s] */
@@ -160,14 +166,14 @@ static void *output_job(void *arg)
 static int run(void *(*fn)(void *), job_t base, int threads)
 {
     job_t jobs[MAX_THREADS];
-    const long rows = base.n * base.tiles_y;
+    const long total = base.band_tiles;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
-    if (threads > rows) threads = (int)rows;
+    if (threads > total) threads = (int)total;
     if (threads < 1) threads = 1;
     for (int i = 0; i < threads; i++) {
         jobs[i] = base;
-        jobs[i].row_begin = rows * i / threads;
-        jobs[i].row_end = rows * (i + 1) / threads;
+        jobs[i].t_begin = total * i / threads;
+        jobs[i].t_end = total * (i + 1) / threads;
         jobs[i].status = 0;
     }
 #ifdef _OPENMP
@@ -190,26 +196,62 @@ static int run(void *(*fn)(void *), job_t base, int threads)
     return status;
 }
 
-/* x (n, h, w, c) -> channels [c_offset, c_offset + c) of v (64, tiles, c_total) */
+static void band(job_t *base, long band_begin, long band_end)
+{
+    base->tiles_y = (base->h + TILE - 1) / TILE;
+    base->tiles_x = (base->w + TILE - 1) / TILE;
+    base->band_begin = band_begin;
+    base->band_tiles = (band_end - band_begin) * base->tiles_x;
+}
+
+/* Tile rows [band_begin, band_end) (of n * ceil(h / 6)) of x (n, h, w, c) -> channels
+ * [c_offset, c_offset + c) of v (64, band tiles, c_total) */
 int wino_input(const float *x, float *v, long n, long h, long w, long c, long c_offset,
-               long c_total, int threads)
+               long c_total, long band_begin, long band_end, int threads)
 {
     job_t base = {0};
     base.x = x; base.v = v; base.n = n; base.h = h; base.w = w; base.c = c;
     base.c_offset = c_offset; base.c_total = c_total;
-    base.tiles_y = (h + TILE - 1) / TILE; base.tiles_x = (w + TILE - 1) / TILE;
+    band(&base, band_begin, band_end);
     return run(input_job, base, threads);
 }
 
-/* m (64, tiles, c) -> y (n, h, w, c) = f(At M A + bias), f(x) = x if x > 0 else slope[c] * x;
- * with a residual (n, h, w, c): y = f(...) * scale + residual */
+/* m (64, band tiles, c) -> the band's pixels of y (n, h, w, c) = f(At M A + bias), where
+ * f(x) = x if x > 0 else slope[c] * x; with a residual (n, h, w, c): f(...) * scale + residual */
 int wino_output(const float *m, const float *bias, const float *slope, const float *residual,
-                float scale, float *y, long n, long h, long w, long c, int threads)
+                float scale, float *y, long n, long h, long w, long c, long band_begin,
+                long band_end, int threads)
 {
     job_t base = {0};
     base.m = m; base.bias = bias; base.slope = slope; base.residual = residual;
     base.scale = scale; base.y = y;
     base.n = n; base.h = h; base.w = w; base.c = c;
-    base.tiles_y = (h + TILE - 1) / TILE; base.tiles_x = (w + TILE - 1) / TILE;
+    band(&base, band_begin, band_end);
     return run(output_job, base, threads);
+}
+
+/* SRVGGNetCompact's tail: pixel_shuffle(r) of y (n, h, w, k * r * r) plus the nearest-neighbour
+ * upscaled input x (n, h, w, k), into out (n, h * r, w * r, k), all NHWC. One pass instead of
+ * a shuffle copy, an upsampled copy and an addition. */
+int shuffle_add(const float *y, const float *x, float *out, long n, long h, long w, long k,
+                long r, int threads)
+{
+    const long rows = n * h;
+    (void)threads;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(threads) schedule(static)
+#endif
+    for (long row = 0; row < rows; row++) {
+        const long b = row / h, yy = row % h;
+        for (long xx = 0; xx < w; xx++) {
+            const float *src = y + (row * w + xx) * k * r * r, *base = x + (row * w + xx) * k;
+            for (long dy = 0; dy < r; dy++) {
+                float *dst = out + (((b * h + yy) * r + dy) * w * r + xx * r) * k;
+                for (long dx = 0; dx < r; dx++)
+                    for (long c = 0; c < k; c++)
+                        dst[dx * k + c] = src[(c * r + dy) * r + dx] + base[c];
+            }
+        }
+    }
+    return 0;
 }
