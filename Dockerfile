@@ -1,4 +1,6 @@
 # GPU image: CUDA 12 + cuDNN 9 runtime for onnxruntime-gpu; PyTorch brings its own CUDA libraries.
+# gcc: on a host without a GPU, CPU upscaling builds its Winograd kernels for the host's CPU at
+# first use (kept in IMGSVC_KERNEL_CACHE on the data volume, one file per CPU kind).
 FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive \
@@ -9,10 +11,11 @@ ENV DEBIAN_FRONTEND=noninteractive \
     IMGSVC_HOST=0.0.0.0 \
     IMGSVC_DEVICE=auto \
     IMGSVC_WEIGHTS_DIR=/app/weights \
-    IMGSVC_DATABASE_URL=sqlite:////app/data/imgsvc.db
+    IMGSVC_DATABASE_URL=sqlite:////app/data/imgsvc.db \
+    IMGSVC_KERNEL_CACHE=/app/data/kernels
 
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv python3-dev libgl1 libglib2.0-0 \
+    && apt-get install -y --no-install-recommends python3 python3-venv python3-dev gcc libgl1 libglib2.0-0 \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app

@@ -13,6 +13,7 @@ and the share of the H200's ~790 dense fp16/bf16 TFLOP/s this reaches (35.9 MFLO
     python bench/upscale.py            # full CPU run (about 5 minutes on 2 cores)
     python bench/upscale.py --quick    # smoke run, a few seconds
     python bench/upscale.py --gpu      # GPU section
+    python bench/upscale.py --tiled 384   # ours vs direct fp32 on a larger image, in tiles
 """
 
 from __future__ import annotations
@@ -176,6 +177,24 @@ def cpu(models: list[str], size: int, runs: int, threads: int, *, with_compile: 
         )
 
 
+def tiled(models: list[str], size: int, threads: int) -> None:
+    """Ours against oneDNN's direct fp32 at the service's tile size (256 px tiles, so a larger
+    image runs in several tiles with context), in turns; ncnn is left out (it has no tiling)."""
+    torch.set_num_threads(threads)
+    img = Image.open(PHOTO).convert("RGB").resize((size, size), Image.Resampling.LANCZOS)
+    print(f"CPU, {threads} threads, {size}x{size} input in 256 px tiles, medians in turns")
+    print("| model | ours direct fp32 | ours | speed-up | rounds |")
+    print("|---|---|---|---|---|")
+    for name in models:
+        direct, _ = ours(name, img, fast=False)
+        mine, how = ours(name, img)
+        (slow, fast), rounds = interleaved_medians([direct, mine], 2)
+        print(
+            f"| {name} | {slow:.2f} s | {fast:.2f} s ({how}) | {slow / fast:.2f}x | {rounds} |",
+            flush=True,
+        )
+
+
 def gpu(runs: int) -> None:
     if not torch.cuda.is_available():
         raise SystemExit("--gpu needs a CUDA device")
@@ -218,11 +237,14 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true", help="smoke run: animevideov3, 64 px")
     parser.add_argument("--gpu", action="store_true", help="the GPU section (needs CUDA)")
+    parser.add_argument("--tiled", type=int, metavar="PX", help="ours vs direct at PX x PX")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
     if args.gpu:
         gpu(args.runs)
+    elif args.tiled:
+        tiled(list(NCNN_STEMS), args.tiled, args.threads)
     elif args.quick:
         cpu(["realesr-animevideov3"], 64, 1, args.threads, with_compile=False)
     else:

@@ -52,7 +52,7 @@ class Settings(BaseSettings):
     upscale_cpu_winograd: bool = Field(
         True,
         description="on CPU in fp32, run 3x3 convolutions as Winograd F(6,3) (kernels built with "
-        "the machine's C compiler at first use; 1.5-2x faster than oneDNN, same fp32 result); "
+        "the machine's C compiler at first use; 1.5-1.9x faster than oneDNN, same fp32 result); "
         "false = oneDNN's direct convolutions",
     )
     kernel_cache: Path | None = Field(

@@ -18,6 +18,17 @@ os.environ.setdefault("NUMBA_CACHE_DIR", str(Path(sys.prefix) / "numba-cache"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+@pytest.fixture(scope="module")
+def two_torch_threads() -> Iterator[None]:
+    """torch on 2 threads for a module's tests (the machines' core count), restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def repo_weights() -> Path:
     """The repository's weights/, pulled (a no-op when already there and verified)."""

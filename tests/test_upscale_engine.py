@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -18,19 +17,11 @@ from imgsvc.models.device import DeviceSpec
 from imgsvc.models.tiling import ArraySink, FeatherBlender, tile_jobs
 from imgsvc.models.upscale import Upscaler, output_size
 from imgsvc.png_stream import PngStreamWriter
-from tests.upscale_helpers import LOGO_COLOUR, logo, psnr, save_tiny_compact
+from tests.upscale_helpers import LOGO_COLOUR, NATIVE_BF16, logo, psnr, save_tiny_compact
 from tests.utils import DATA
 
 CPU = DeviceSpec("cpu", None)
-NATIVE_BF16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _threads() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("two_torch_threads")
 
 
 def engine(weights: Path, name: str, tile: int = 256) -> Upscaler:

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,18 +22,12 @@ from imgsvc.models.upscale import Upscaler
 from tests.upscale_helpers import psnr
 from tests.utils import DATA, REPO
 
-pytestmark = pytest.mark.skipif(
-    not winograd_build.available(), reason="no C compiler: the Winograd kernels cannot be built"
-)
-NATIVE_BF16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _threads() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [
+    pytest.mark.skipif(
+        not winograd_build.available(), reason="no C compiler: the Winograd kernels cannot be built"
+    ),
+    pytest.mark.usefixtures("two_torch_threads"),
+]
 
 
 def close(out: torch.Tensor, ref: torch.Tensor) -> None:
@@ -188,14 +181,14 @@ def upscale(up: Upscaler, img: Image.Image) -> np.ndarray:
     return sink.array
 
 
-@pytest.mark.skipif(NATIVE_BF16, reason="on CPUs with native bf16 the upscaler uses bf16 first")
 @pytest.mark.parametrize("name", ["realesr-animevideov3", "realesrgan-x4plus-anime"])
 def test_upscaler_uses_winograd_with_the_same_result(repo_weights: Path, name: str) -> None:
-    """The service's CPU fp32 path: Winograd by default, within rounding of oneDNN's result."""
+    """The service's CPU fp32 path (the default where there is no native bf16): Winograd,
+    within rounding of oneDNN's direct result."""
     path = repo_weights / "upscale" / f"{name}.safetensors"
     cpu = DeviceSpec("cpu", None)
-    fast = Upscaler(name, path, cpu, tile=256)
-    direct = Upscaler(name, path, cpu, tile=256, cpu_winograd=False)
+    fast = Upscaler(name, path, cpu, tile=256, cpu_bf16=False)
+    direct = Upscaler(name, path, cpu, tile=256, cpu_bf16=False, cpu_winograd=False)
     assert (fast.convolutions, direct.convolutions) == ("winograd", "direct")
     assert fast.precision == direct.precision == "float32"
     photo = Image.open(DATA / "car.jpg").convert("RGB").crop((100, 50, 196, 146))

@@ -9,6 +9,7 @@ import torch
 from PIL import Image, ImageDraw
 
 LOGO_COLOUR = (40, 120, 220)
+NATIVE_BF16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())  # AVX512-BF16 or AMX
 
 
 def save_tiny_compact(path: Path, *, scale: int = 2, gain: float = 1.0) -> Path:

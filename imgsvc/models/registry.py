@@ -205,6 +205,13 @@ class Registry:
             note=None if present else f"add weights/rembg/{fname} to use it",
         )
 
+    def _cpu_kind(self) -> str:
+        """Which measured CPU figures fit this host: "bf16" where upscaling uses native bf16."""
+        import torch
+
+        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return "bf16" if self._upscale_cpu_bf16 and native else "fp32"
+
     def list_models(self) -> list[ModelInfo]:
         out = [self._background_info(name, fname) for name, fname in BACKGROUND_FILES.items()]
         upscale_rows = [inspect_upscale_file(p) for p in self.upscale_files().values()]
@@ -218,7 +225,7 @@ class Registry:
                 scale=f.scale,
                 size_bytes=f.size_bytes,
                 version=f.version,
-                cpu_seconds_per_input_mp=f.cpu_seconds_per_input_mp,
+                cpu_seconds_per_input_mp=f.cpu_seconds_per_input_mp(self._cpu_kind()),
                 note=f.note,
             )
             for f in upscale_rows

@@ -16,14 +16,14 @@ from pathlib import Path
 _LOAD_ERRORS = (ValueError, KeyError, TypeError, AttributeError, RuntimeError, OSError)
 SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt")
 # CPU seconds per input megapixel at the native scale, 2 threads, 128x128 input in one tile
-# (bench/upscale.py, 2026-11-29, on a 2-core AMD EPYC with AVX512-BF16), in the precision the
-# service picks there (x4plus models bf16-mixed, animevideov3 bf16; in fp32 they take 191, 63
-# and 6.1 s). Keyed by the weights' version (sha256 prefix). Tiled images cost up to ~1.3-1.9x
-# more (each tile runs with extra context).
+# (bench/upscale.py, 2026-11-29), keyed by the weights' version (sha256 prefix), for the two
+# CPU kinds measured, each in what the service picks there: "bf16" on a 2-core AMD EPYC with
+# AVX512-BF16 (x4plus models bf16-mixed, animevideov3 bf16), "fp32" on a 2-core AMD EPYC with
+# AVX2 only (fp32 with Winograd convolutions; oneDNN's direct fp32 took 270, 107 and 8.8 there).
+# Tiled images cost up to ~1.3-1.9x more (each tile runs with extra context).
 CPU_SECONDS_PER_INPUT_MP = {
-    "f2661ad9dcc3": 99.0,  # realesrgan-x4plus
-    "4090b0cea6c8": 31.0,  # realesrgan-x4plus-anime
-    "15e90bcbbedc": 3.3,  # realesr-animevideov3
+    "bf16": {"f2661ad9dcc3": 99.0, "4090b0cea6c8": 31.0, "15e90bcbbedc": 3.3},
+    "fp32": {"f2661ad9dcc3": 152.0, "4090b0cea6c8": 58.0, "15e90bcbbedc": 5.2},
 }
 NOTES = {
     "realesrgan-x4plus": "photos (default)",
@@ -44,9 +44,9 @@ class UpscaleFile:
     architecture: str | None
     problem: str | None  # why it cannot be used, or None
 
-    @property
-    def cpu_seconds_per_input_mp(self) -> float | None:
-        return CPU_SECONDS_PER_INPUT_MP.get(self.version)
+    def cpu_seconds_per_input_mp(self, cpu_kind: str) -> float | None:
+        """Measured seconds per input MP on a CPU of `cpu_kind` ("bf16" or "fp32")."""
+        return CPU_SECONDS_PER_INPUT_MP.get(cpu_kind, {}).get(self.version)
 
     @property
     def note(self) -> str:
