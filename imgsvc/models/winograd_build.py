@@ -66,6 +66,8 @@ def library() -> ctypes.CDLL:
     global _library, _failure
     if _library is not None:
         return _library
+    import torch  # noqa: F401  (loaded first, so the kernels bind to torch's OpenMP runtime)
+
     with _lock:
         if _library is None and _failure is None:
             try:
