@@ -13,12 +13,15 @@ pixel; oneDNN runs that near the cores' fp32 peak and still loses to ncnn, which
    convolution (PReLU, LeakyReLU, ReLU), written straight into the NHWC output.
 
 Steps 1 and 3 are C (`winograd_kernels.c`, compiled for this CPU at first use and cached, see
-`winograd_build.py`), split over torch's thread count by rows of tiles.
+`winograd_build.py`) on torch's OpenMP threads; a convolution runs in bands of tile rows that
+stay in cache (BAND_BYTES).
 The matrices are Lavin & Gray's F(6,3) (the points 0, ±1, ±2, ±1/2, ∞, as in ncnn and NNPACK);
 the result matches oneDNN's direct convolution to ~1e-5 relative. `convert` swaps every
 eligible `Conv2d` (3x3, stride 1, padding 1, no groups, at least MIN_CHANNELS out) of a
-model, fusing the activation after it when it is the next module of a `Sequential`; any other
-input (not fp32, not on CPU, autograd) runs the original modules.
+model, fusing the activation after it when it is the next module of a `Sequential` (or of a
+container the caller says runs in order), and ESRGAN's dense blocks whole (WinogradDenseBlock);
+`fuse_compact_tail` does Compact's pixel shuffle and residual in one pass. Any other input
+(not fp32, not on CPU, autograd) runs the original modules.
 """
 
 from __future__ import annotations
