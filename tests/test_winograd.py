@@ -253,3 +253,27 @@ def test_kernels_are_cached_by_source_compiler_and_cpu(tmp_path: Path) -> None:
         assert done.stdout.strip() == "True", done.stderr[-2000:]
     built = list(tmp_path.iterdir())
     assert len(built) == 1 and built[0].name.startswith("winograd-"), built  # no partial files
+
+
+def test_two_threads_share_a_model() -> None:
+    """IMGSVC_CONCURRENCY_UPSCALE > 1 runs one model from several threads: each thread has its
+    own transform buffers, so concurrent calls give what sequential calls give."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    torch.manual_seed(3)
+    model = nn.Sequential(
+        nn.Conv2d(16, 32, 3, padding=1), nn.PReLU(32), nn.Conv2d(32, 16, 3, padding=1)
+    )
+    winograd.convert(model)
+    inputs = [torch.randn(1, 16, 40 + 7 * i, 50) for i in range(6)]
+    with torch.inference_mode():
+        expected = [model(x) for x in inputs]
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return model(x)
+
+    with ThreadPoolExecutor(2) as pool:
+        for _ in range(3):
+            for out, ref in zip(pool.map(run, inputs), expected, strict=True):
+                assert torch.equal(out, ref)
