@@ -10,7 +10,7 @@ called in turns (interleaved rounds, at least N and at least 10 s), medians of e
 GPU (`--gpu`, needs CUDA): x4plus on a 512x512 input in fp16 and bf16, megapixels per second
 and the share of the H200's ~790 dense fp16/bf16 TFLOP/s this reaches (35.9 MFLOP per px).
 
-    python bench/upscale.py            # full CPU run (about 5 minutes on 2 cores)
+    python bench/upscale.py            # full CPU run (about 8 minutes on 2 cores)
     python bench/upscale.py --quick    # smoke run, a few seconds
     python bench/upscale.py --gpu      # GPU section
     python bench/upscale.py --tiled 384   # ours vs direct fp32 on a larger image, in tiles

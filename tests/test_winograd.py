@@ -163,7 +163,7 @@ def test_compact_prelus_fuse_in_its_body() -> None:
     x = torch.rand(1, 3, 17, 19)
     with torch.inference_mode():
         ref = model(x)
-        assert winograd.convert(model, (model.body,)) == 5
+        assert winograd.convert(model) == 5
         assert sum(isinstance(m, nn.PReLU) for m in model.body) == 0  # all fused
         close(model(x), ref)
         assert winograd.fuse_compact_tail(model)  # pixel shuffle + upscaled input in one pass

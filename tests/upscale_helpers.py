@@ -8,8 +8,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from imgsvc.models.device import cpu_has_native_bf16
+
 LOGO_COLOUR = (40, 120, 220)
-NATIVE_BF16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())  # AVX512-BF16 or AMX
+NATIVE_BF16 = cpu_has_native_bf16()
 
 
 def save_tiny_compact(path: Path, *, scale: int = 2, gain: float = 1.0) -> Path:

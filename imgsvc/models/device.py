@@ -32,6 +32,13 @@ class DeviceSpec:
         return self.device == "cuda"
 
 
+def cpu_has_native_bf16() -> bool:
+    """A CPU with native bf16 arithmetic (AVX512-BF16 or AMX), as oneDNN sees it."""
+    import torch
+
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def select_device(requested: DeviceName) -> DeviceSpec:
     """Resolve `auto|cpu|cuda` to a concrete device; raise DeviceUnavailable for a missing GPU."""
     import torch

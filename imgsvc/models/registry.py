@@ -25,7 +25,7 @@ from imgsvc.models.device_queue import DeviceQueue
 from imgsvc.models.diffusion import DiffusionInpaintEngine, find_pipelines
 from imgsvc.models.face import FaceEnhancer
 from imgsvc.models.face import find_files as find_face_files
-from imgsvc.models.upscale import Upscaler
+from imgsvc.models.upscale import Upscaler, cpu_kind
 from imgsvc.models.upscale_catalog import inspect as inspect_upscale_file
 from imgsvc.models.upscale_catalog import list_files as list_upscale_files
 from imgsvc.models.versions import weights_version
@@ -205,16 +205,13 @@ class Registry:
             note=None if present else f"add weights/rembg/{fname} to use it",
         )
 
-    def _cpu_kind(self) -> str:
-        """Which measured CPU figures fit this host: "bf16" where upscaling uses native bf16."""
-        import torch
-
-        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        return "bf16" if self._upscale_cpu_bf16 and native else "fp32"
-
     def list_models(self) -> list[ModelInfo]:
         out = [self._background_info(name, fname) for name, fname in BACKGROUND_FILES.items()]
         upscale_rows = [inspect_upscale_file(p) for p in self.upscale_files().values()]
+        kind = cpu_kind(
+            cpu_bf16=self._upscale_cpu_bf16,
+            cpu_winograd=self._upscale_cpu_winograd and not self._upscale_compile,
+        )
         out += [
             ModelInfo(
                 "upscale",
@@ -225,7 +222,7 @@ class Registry:
                 scale=f.scale,
                 size_bytes=f.size_bytes,
                 version=f.version,
-                cpu_seconds_per_input_mp=f.cpu_seconds_per_input_mp(self._cpu_kind()),
+                cpu_seconds_per_input_mp=f.cpu_seconds_per_input_mp(kind),
                 note=f.note,
             )
             for f in upscale_rows

@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from imgsvc.errors import InvalidInput, ModelUnavailable
-from imgsvc.models.device import DeviceSpec
+from imgsvc.models.device import DeviceSpec, cpu_has_native_bf16
 from imgsvc.models.tiling import ArraySink, FeatherBlender, RowSink, TileJob, spans, tile_jobs
 
 log = logging.getLogger(__name__)
@@ -140,9 +140,10 @@ class Upscaler:
             self._set_dtype(torch.bfloat16)
         elif half is not None and self._descriptor.supports_half:
             self._set_dtype(torch.float16)
-        elif cpu_bf16 and self._cpu_has_bf16(device):
+        elif cpu_bf16 and device.device == "cpu" and cpu_has_native_bf16():
             self._use_cpu_bf16()
-        if device.device == "cpu" and self.precision == "float32" and cpu_winograd and not compile:
+        self._winograd = device.device == "cpu" and cpu_winograd and not compile
+        if self.precision == "float32":
             self._use_winograd()
         self.scale: int = self._descriptor.scale
         self.architecture: str = self._descriptor.architecture.name
@@ -170,13 +171,6 @@ class Upscaler:
         self.dtype = dtype
         self.precision = str(dtype).removeprefix("torch.")
 
-    @staticmethod
-    def _cpu_has_bf16(device: DeviceSpec) -> bool:
-        """A CPU with native bf16 arithmetic (AVX512-BF16 or AMX)."""
-        import torch
-
-        return device.device == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
     def _use_cpu_bf16(self) -> None:
         """bf16 for the architectures where it was measured to hold; others stay fp32."""
         import torch
@@ -190,17 +184,11 @@ class Upscaler:
             self.precision = "bf16-mixed"
 
     def _use_winograd(self) -> None:
-        """fp32 3x3 convolutions as Winograd F(6,3) when the kernels build on this machine."""
+        """fp32 3x3 convolutions on CPU as Winograd F(6,3), where allowed and the kernels build."""
         from imgsvc.models import winograd, winograd_build
 
-        if not winograd_build.available():
-            return
         model = self._descriptor.model
-        body = getattr(model, "body", None)
-        ordered: tuple[Any, ...] = ()
-        if self._descriptor.architecture.name == "RealESRGAN Compact" and body is not None:
-            ordered = (body,)  # SRVGGNetCompact runs its body ModuleList in order: PReLUs fuse
-        if winograd.convert(model, ordered):
+        if self._winograd and winograd_build.available() and winograd.convert(model):
             self.convolutions = "winograd"
             winograd.fuse_compact_tail(model)
 
@@ -324,7 +312,19 @@ class Upscaler:
         self._descriptor = self._load(torch.float32)
         self.dtype = torch.float32
         self.precision = "float32"
+        self.convolutions = "direct"
+        self._use_winograd()  # a CPU model that left bf16 still gets the fast fp32 path
         return self._checked(batch)
+
+
+def cpu_kind(*, cpu_bf16: bool, cpu_winograd: bool) -> str:
+    """How the known models run on this host's CPU, for the measured figures in
+    upscale_catalog: "bf16" (native bf16), "fp32-winograd" or "fp32" (oneDNN direct)."""
+    from imgsvc.models import winograd_build
+
+    if cpu_bf16 and cpu_has_native_bf16():
+        return "bf16"
+    return "fp32-winograd" if cpu_winograd and winograd_build.available() else "fp32"
 
 
 def _plausible(x: Any, y: Any) -> bool:

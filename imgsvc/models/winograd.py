@@ -18,8 +18,8 @@ stay in cache (BAND_BYTES).
 The matrices are Lavin & Gray's F(6,3) (the points 0, ±1, ±2, ±1/2, ∞, as in ncnn and NNPACK);
 the result matches oneDNN's direct convolution to ~1e-5 relative. `convert` swaps every
 eligible `Conv2d` (3x3, stride 1, padding 1, no groups, at least MIN_CHANNELS out) of a
-model, fusing the activation after it when it is the next module of a `Sequential` (or of a
-container the caller says runs in order), and ESRGAN's dense blocks whole (WinogradDenseBlock);
+model, fusing the activation after it when it is the next module of a `Sequential` (or of
+Compact's body), and ESRGAN's dense blocks whole (WinogradDenseBlock);
 `fuse_compact_tail` does Compact's pixel shuffle and residual in one pass. Any other input
 (not fp32, not on CPU, autograd) runs the original modules.
 """
@@ -108,7 +108,7 @@ class WinogradConv2d(nn.Module):
         n, channels, height, width = x.shape
         nhwc = x.permute(0, 2, 3, 1).contiguous()  # free for channels_last input
         y = torch.empty((n, height, width, self.conv.out_channels))
-        rows, per_row = n * -(-height // TILE), -(-width // TILE)
+        rows, per_row = n * tiles_across(height), tiles_across(width)
         widest = max(channels, self.conv.out_channels)
         step = max(1, BAND_BYTES // (64 * 4 * per_row * widest))
         for start in range(0, rows, step):
@@ -145,8 +145,9 @@ def runs_here(x: torch.Tensor) -> bool:
     return x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled()
 
 
-def tile_rows(n: int, height: int) -> int:
-    return n * -(-height // TILE)
+def tiles_across(pixels: int) -> int:
+    """Tiles along an edge of `pixels` (the last one may stick out)."""
+    return -(-pixels // TILE)
 
 
 def transform_input(
@@ -156,7 +157,7 @@ def transform_input(
     [offset, offset + C) of v (64, band tiles, total channels)."""
     n, height, width, channels = nhwc.shape
     assert nhwc.is_contiguous() and v.is_contiguous()
-    assert v.shape[1] == (band[1] - band[0]) * -(-width // TILE)
+    assert v.shape[1] == (band[1] - band[0]) * tiles_across(width)
     args = (n, height, width, channels, offset, v.shape[2], *band, torch.get_num_threads())
     if kernels.library().wino_input(nhwc.data_ptr(), v.data_ptr(), *args) != 0:
         raise MemoryError("winograd input transform: out of memory")
@@ -182,10 +183,10 @@ class WinogradDenseBlock(nn.Module):
             out: torch.Tensor = self.block(x)
             return out
         n, channels, height, width = x.shape
-        band = (0, tile_rows(n, height))  # the whole image: each conv needs all of the last
+        band = (0, n * tiles_across(height))  # the whole image: each conv needs all of the last
         convs = [cast(WinogradConv2d, conv) for conv in self.convs]
         total = convs[-1].conv.in_channels
-        v = _workspace("v", 64 * band[1] * -(-width // TILE) * total).view(64, -1, total)
+        v = _workspace("v", 64 * band[1] * tiles_across(width) * total).view(64, -1, total)
         nhwc = x.permute(0, 2, 3, 1).contiguous()
         transform_input(nhwc, v, 0, band)
         offset = channels
@@ -289,13 +290,18 @@ def _fusable(module: nn.Module, channels: int) -> bool:
     return type(module) in (nn.ReLU, nn.LeakyReLU)
 
 
-def convert(model: nn.Module, ordered: tuple[nn.Module, ...] = ()) -> int:
+def convert(model: nn.Module) -> int:
     """Swap eligible convolutions for WinogradConv2d in place; how many were swapped.
 
-    In a `Sequential`, or a container in `ordered` (one whose owner runs its children in order,
-    like the body `ModuleList` of SRVGGNetCompact), a ReLU / LeakyReLU / PReLU right after the
-    convolution is fused into the output transform and its own slot becomes `Identity`.
+    In a `Sequential`, or in the body `ModuleList` of SRVGGNetCompact (whose forward runs it in
+    order), a ReLU / LeakyReLU / PReLU right after the convolution is fused into the output
+    transform and its own slot becomes `Identity`.
     """
+    ordered = [
+        m.body
+        for m in model.modules()
+        if type(m).__name__ == "SRVGGNetCompact" and isinstance(m.body, nn.ModuleList)
+    ]
     swapped = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):

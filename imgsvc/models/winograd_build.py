@@ -26,22 +26,11 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("winograd_kernels.c")
 # First choice: OpenMP, which binds to the libgomp torch has already loaded (same SONAME), so
 # the transforms run on torch's own thread pool; then POSIX threads (e.g. Apple clang).
+_FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=fast"]
 _FLAG_SETS = (
-    [
-        "-O3",
-        "-march=native",
-        "-fno-math-errno",
-        "-fno-trapping-math",
-        "-ffp-contract=fast",
-        "-fopenmp",
-    ],
-    ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=fast"],
-    [
-        "-O3",
-        "-fno-math-errno",
-        "-fno-trapping-math",
-        "-ffp-contract=fast",
-    ],  # compilers without -march=native
+    [*_FLAGS, "-march=native", "-fopenmp"],
+    [*_FLAGS, "-march=native"],
+    _FLAGS,  # compilers without -march=native
 )
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
@@ -133,13 +122,11 @@ def _build() -> Path:
     source = SOURCE.read_bytes()
     folder = cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
+    cpu = _cpu_signature().encode()
     errors = []
     for flags in _FLAG_SETS:
-        key = hashlib.sha256(
-            b"\0".join(
-                [source, compiler.encode(), " ".join(flags).encode(), _cpu_signature().encode()]
-            )
-        ).hexdigest()[:16]
+        parts = [source, compiler.encode(), " ".join(flags).encode(), cpu]
+        key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
         target = folder / f"winograd-{key}.so"
         if target.is_file():
             return target

@@ -3,9 +3,9 @@
  * Channels are innermost, so every loop over `c` is a plain vector loop over eight input and
  * up to eight output streams. A call covers a band of tile rows [band_begin, band_end) of the
  * image (so that its share of `v` and `m` stays in cache); its tiles are split evenly over
- * `threads`
- * started per call (they do not spin between calls, so they never compete with torch's own
- * threads). Returns 0, or -1 when scratch memory or a thread could not be had.
+ * `threads`: on OpenMP (built with -fopenmp, it shares the runtime and thread pool torch has
+ * loaded), else on POSIX threads started per call. Returns 0, or -1 when scratch memory could
+ * not be had.
  */
 #include <pthread.h>
 #include <stdlib.h>
@@ -70,29 +70,26 @@ static void *input_job(void *arg)
     float *edge = scratch, *tmp = scratch + 64 * C;
     for (long t = j->t_begin; t < j->t_end; t++) {
         const long row = j->band_begin + t / j->tiles_x, tx = t % j->tiles_x;
-        const long n = row / j->tiles_y, y0 = (row % j->tiles_y) * TILE - 1;
-        {
-            const long x0 = tx * TILE - 1;
-            if (y0 >= 0 && x0 >= 0 && y0 + 8 <= H && x0 + 8 <= W) {
-                for (long i = 0; i < 8; i++) /* along x: row i of the tile */
-                    bt8(j->x + ((n * H + y0 + i) * W + x0) * C, C, tmp + i * 8 * C, C, C);
-            } else { /* a border tile: copy it with its zero padding first */
-                for (long i = 0; i < 8; i++)
-                    for (long k = 0; k < 8; k++) {
-                        float *dst = edge + (i * 8 + k) * C;
-                        const long yy = y0 + i, xx = x0 + k;
-                        if (yy >= 0 && yy < H && xx >= 0 && xx < W)
-                            memcpy(dst, j->x + ((n * H + yy) * W + xx) * C, sizeof(float) * C);
-                        else
-                            memset(dst, 0, sizeof(float) * C);
-                    }
-                for (long i = 0; i < 8; i++)
-                    bt8(edge + i * 8 * C, C, tmp + i * 8 * C, C, C);
-            }
-            const long CT = j->c_total; /* v's row: channels [c_offset, c_offset + C) of CT */
-            for (long k = 0; k < 8; k++) /* along y: column k, into v[l * 8 + k][t] */
-                bt8(tmp + k * C, 8 * C, j->v + (k * T + t) * CT + j->c_offset, 8 * T * CT, C);
+        const long n = row / j->tiles_y, y0 = (row % j->tiles_y) * TILE - 1, x0 = tx * TILE - 1;
+        if (y0 >= 0 && x0 >= 0 && y0 + 8 <= H && x0 + 8 <= W) {
+            for (long i = 0; i < 8; i++) /* along x: row i of the tile */
+                bt8(j->x + ((n * H + y0 + i) * W + x0) * C, C, tmp + i * 8 * C, C, C);
+        } else { /* a border tile: copy it with its zero padding first */
+            for (long i = 0; i < 8; i++)
+                for (long k = 0; k < 8; k++) {
+                    float *dst = edge + (i * 8 + k) * C;
+                    const long yy = y0 + i, xx = x0 + k;
+                    if (yy >= 0 && yy < H && xx >= 0 && xx < W)
+                        memcpy(dst, j->x + ((n * H + yy) * W + xx) * C, sizeof(float) * C);
+                    else
+                        memset(dst, 0, sizeof(float) * C);
+                }
+            for (long i = 0; i < 8; i++)
+                bt8(edge + i * 8 * C, C, tmp + i * 8 * C, C, C);
         }
+        const long CT = j->c_total; /* v's row: channels [c_offset, c_offset + C) of CT */
+        for (long k = 0; k < 8; k++) /* along y: column k, into v[l * 8 + k][t] */
+            bt8(tmp + k * C, 8 * C, j->v + (k * T + t) * CT + j->c_offset, 8 * T * CT, C);
     }
     free(scratch);
     return NULL;
@@ -129,35 +126,32 @@ static void *output_job(void *arg)
     memset(zero, 0, sizeof(float) * C);
     for (long t = j->t_begin; t < j->t_end; t++) {
         const long row = j->band_begin + t / j->tiles_x, tx = t % j->tiles_x;
-        const long n = row / j->tiles_y, oy = (row % j->tiles_y) * TILE;
-        {
-            const long ox = tx * TILE;
-            for (long p = 0; p < 8; p++) /* along k: M[p][0..7] -> tmp[p][0..5] */
-                at8(j->m + (p * 8 * T + t) * C, T * C, tmp + p * 6 * C, C, zero, C);
-            for (long s = 0; s < 6; s++) /* along p: tmp[0..7][s] -> out[0..5][s] */
-                at8(tmp + s * C, 6 * C, out + s * C, 6 * C, j->bias, C);
-            const long rows = H - oy < TILE ? H - oy : TILE, cols = W - ox < TILE ? W - ox : TILE;
-            for (long r = 0; r < rows; r++)
-                for (long s = 0; s < cols; s++) {
-                    const float *restrict src = out + (r * 6 + s) * C;
-                    const float *restrict slope = j->slope;
-                    const long at = ((n * H + oy + r) * W + ox + s) * C;
-                    float *restrict dst = j->y + at;
-                    if (j->residual) {
-                        const float *restrict res = j->residual + at;
-                        const float scale = j->scale;
-                        CHANNELS for (long c = 0; c < C; c++) {
-                            float value = src[c], scaled = value * slope[c];
-                            dst[c] = (value > 0.0f ? value : scaled) * scale + res[c];
-                        }
-                    } else {
-                        CHANNELS for (long c = 0; c < C; c++) {
-                            float value = src[c], scaled = value * slope[c];
-                            dst[c] = value > 0.0f ? value : scaled;
-                        }
+        const long n = row / j->tiles_y, oy = (row % j->tiles_y) * TILE, ox = tx * TILE;
+        for (long p = 0; p < 8; p++) /* along k: M[p][0..7] -> tmp[p][0..5] */
+            at8(j->m + (p * 8 * T + t) * C, T * C, tmp + p * 6 * C, C, zero, C);
+        for (long s = 0; s < 6; s++) /* along p: tmp[0..7][s] -> out[0..5][s] */
+            at8(tmp + s * C, 6 * C, out + s * C, 6 * C, j->bias, C);
+        const long rows = H - oy < TILE ? H - oy : TILE, cols = W - ox < TILE ? W - ox : TILE;
+        for (long r = 0; r < rows; r++)
+            for (long s = 0; s < cols; s++) {
+                const float *restrict src = out + (r * 6 + s) * C;
+                const float *restrict slope = j->slope;
+                const long at = ((n * H + oy + r) * W + ox + s) * C;
+                float *restrict dst = j->y + at;
+                if (j->residual) {
+                    const float *restrict res = j->residual + at;
+                    const float scale = j->scale;
+                    CHANNELS for (long c = 0; c < C; c++) {
+                        float value = src[c], scaled = value * slope[c];
+                        dst[c] = (value > 0.0f ? value : scaled) * scale + res[c];
+                    }
+                } else {
+                    CHANNELS for (long c = 0; c < C; c++) {
+                        float value = src[c], scaled = value * slope[c];
+                        dst[c] = value > 0.0f ? value : scaled;
                     }
                 }
-        }
+            }
     }
     free(scratch);
     return NULL;
