@@ -15,6 +15,7 @@ engine vs the bare pipeline.
 
     python bench/inpaint.py [--quick] [--steps N] [--repeats N] [--threads N]
     python bench/inpaint.py --gpu [--compile] [--steps 30] [--repeats 5]
+    python bench/inpaint.py --gpu-smoke   # the --gpu code on CPU (64x64, 2 steps)
 """
 
 from __future__ import annotations
@@ -168,7 +169,9 @@ def cpu_bench(args: argparse.Namespace) -> None:
     )
 
 
-def gpu_bare(folder: Path, image: Image.Image, mask: Image.Image, args: Any) -> list[float]:
+def gpu_bare(
+    folder: Path, image: Image.Image, mask: Image.Image, args: Any, device: str, dtype: Any
+) -> list[float]:
     """The bare pipeline on CUDA with the same speed settings as our engine."""
     import diffusers
     import torch
@@ -176,20 +179,21 @@ def gpu_bare(folder: Path, image: Image.Image, mask: Image.Image, args: Any) -> 
     bare = diffusers.StableDiffusionInpaintPipeline.from_pretrained(
         folder,
         local_files_only=True,
-        torch_dtype=torch.float16,
+        torch_dtype=dtype,
         safety_checker=None,
         requires_safety_checker=False,
-    ).to("cuda")
+    ).to(device)
     bare.unet.to(memory_format=torch.channels_last)
     bare.vae.to(memory_format=torch.channels_last)
     if args.compile:
         bare.unet = torch.compile(bare.unet, mode="max-autotune", fullgraph=True)
     bare.set_progress_bar_config(disable=True)
-    run_bare = bare_call(bare, image, mask, args.steps, "cuda")
+    run_bare = bare_call(bare, image, mask, args.steps, device)
 
     def sync_bare() -> object:
         out = run_bare()
-        torch.cuda.synchronize()
+        if device == "cuda":
+            torch.cuda.synchronize()
         return out
 
     return timed(sync_bare, args.repeats)
@@ -202,16 +206,19 @@ def gpu_bench(args: argparse.Namespace) -> None:
     from imgsvc.models.diffusion import DiffusionInpaintEngine
     from imgsvc.models.masks import blend_mask
 
-    select_device("cuda")  # a clear message when there is no usable GPU
-    device = DeviceSpec("cuda", "float16")  # fp16 on both sides (auto would pick bf16)
-    dtype = torch.float16
-    size = 512
+    if args.gpu_smoke:  # the same code on the CPU, tiny, to check the script before a session
+        device, dtype, size = DeviceSpec("cpu", None), torch.float32, 64
+    else:
+        select_device("cuda")  # a clear message when there is no usable GPU
+        device = DeviceSpec("cuda", "float16")  # fp16 on both sides (auto would pick bf16)
+        dtype, size = torch.float16, 512
     with tempfile.TemporaryDirectory(prefix="bench-inpaint-") as tmp_name:
         folder = Path(tmp_name) / "sd15-inpaint-random"
         build_sd15_folder(folder, sample_size=size // 8, dtype=dtype)
         image, mask = inputs(size)
-        bare_s = gpu_bare(folder, image, mask, args)
-        torch.cuda.empty_cache()
+        bare_s = gpu_bare(folder, image, mask, args, device.device, dtype)
+        if device.is_cuda:
+            torch.cuda.empty_cache()
 
         engine = DiffusionInpaintEngine(folder, device, compile_unet=args.compile)
         plan = engine.plan(blend_mask(mask, grow_px=0, blur_px=0))
@@ -228,12 +235,13 @@ def gpu_bench(args: argparse.Namespace) -> None:
                 guidance_scale=7.5,
                 strength=1.0,
             )
-            torch.cuda.synchronize()
+            if device.is_cuda:
+                torch.cuda.synchronize()
             return out
 
         ours_s = timed(ours, args.repeats)
     b, o = statistics.median(bare_s), statistics.median(ours_s)
-    name = torch.cuda.get_device_name()
+    name = torch.cuda.get_device_name() if device.is_cuda else "CPU (smoke run)"
     print(
         f"| {name} | {device.half_dtype} | compile={args.compile} | {args.steps} | "
         f"{b:.3f} s ({args.steps / b:.0f} it/s) | {o:.3f} s ({args.steps / o:.0f} it/s) |"
@@ -250,14 +258,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny pipeline, a few seconds")
     parser.add_argument("--gpu", action="store_true", help="CUDA fp16, 512x512")
+    parser.add_argument(
+        "--gpu-smoke", action="store_true", help="the --gpu code on CPU, 64x64, 2 steps"
+    )
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (GPU)")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    if args.gpu:
-        args.steps = args.steps or 30
-        args.repeats = args.repeats or 5
+    if args.gpu or args.gpu_smoke:
+        args.steps = args.steps or (2 if args.gpu_smoke else 30)
+        args.repeats = args.repeats or (1 if args.gpu_smoke else 5)
         gpu_bench(args)
     else:
         args.steps = args.steps or 2

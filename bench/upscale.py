@@ -8,11 +8,15 @@ called in turns (interleaved rounds, at least N and at least 10 s), medians of e
     CPUs with native bf16 bf16 / mixed bf16, elsewhere fp32 with Winograd F(6,3) convolutions),
   - ncnn: the `ncnn` package running weights/ncnn/*.param/.bin with its default CPU options.
 GPU (`--gpu`, needs CUDA): x4plus on a 512x512 input in fp16 and bf16, megapixels per second
-and the share of the H200's ~790 dense fp16/bf16 TFLOP/s this reaches (35.9 MFLOP per px).
+and the share of the H200's ~790 dense fp16/bf16 TFLOP/s this reaches (35.9 MFLOP per px), for
+the service's eager path, eager with cudnn.benchmark, one CUDA graph and torch.compile.
+`--gpu-smoke` runs that code on the CPU on a tiny input (checks the script before a GPU session;
+`bench/gpu_session.sh` is the whole prepared session).
 
     python bench/upscale.py            # full CPU run (about 8 minutes on 2 cores)
     python bench/upscale.py --quick    # smoke run, a few seconds
     python bench/upscale.py --gpu      # GPU section
+    python bench/upscale.py --gpu-smoke   # the GPU section's code on CPU, a few seconds
     python bench/upscale.py --tiled 384   # ours vs direct fp32 on a larger image, in tiles
 """
 
@@ -22,6 +26,7 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -195,40 +200,113 @@ def tiled(models: list[str], size: int, threads: int) -> None:
         )
 
 
-def gpu(runs: int) -> None:
-    if not torch.cuda.is_available():
-        raise SystemExit("--gpu needs a CUDA device")
-    name = "realesrgan-x4plus"
-    size = 512
-    print(f"GPU {torch.cuda.get_device_name()}, {name}, {size}x{size} input, median of {runs}")
-    print("| dtype | model pass | MP/s | TFLOP/s | share of 790 TFLOP/s | end to end |")
-    print("|---|---|---|---|---|---|")
-    img = crop(size)
-    x: Any = torch.from_numpy(np.array(img)).cuda().permute(2, 0, 1)[None].float() / 255.0
-    for dtype in ("float16", "bfloat16"):
-        spec = DeviceSpec("cuda", dtype)  # type: ignore[arg-type]
-        up = Upscaler(name, WEIGHTS / "upscale" / f"{name}.safetensors", spec, tile=size)
+def cuda_graph(up: Upscaler, x: Any) -> Callable[[], object]:
+    """The loaded network captured once as a CUDA graph on a static input, replayed per call
+    (no per-kernel launch cost; the service does not do this yet)."""
+    model = up._descriptor.model
+    static_x = x.to(up.dtype).contiguous(memory_format=torch.channels_last)
+    side = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            model(static_x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        model(static_x)
 
-        def model_pass(up: Upscaler = up) -> object:
-            y = up.forward(x)
+    def replay() -> object:
+        graph.replay()
+        torch.cuda.synchronize()
+        return graph
+
+    return replay
+
+
+def gpu(
+    runs: int,
+    *,
+    device: str = "cuda",
+    size: int = 512,
+    name: str = "realesrgan-x4plus",
+) -> None:
+    """x4plus at 512x512 on CUDA: model-pass time, MP/s and share of the H200's peak, for fp16
+    and bf16: the service's eager path (and end to end from the PIL image), eager with
+    cudnn.benchmark, one CUDA graph, and torch.compile (the service's IMGSVC_TORCH_COMPILE).
+    Each variant is measured on its own, so one that fails prints why and the rest still run.
+    `device="cpu"` runs the same code on a small input to check the script before a session."""
+    on_cuda = device == "cuda"
+    if on_cuda and not torch.cuda.is_available():
+        raise SystemExit("--gpu needs a CUDA device")
+    where = torch.cuda.get_device_name() if on_cuda else "CPU (smoke run)"
+    print(f"{where}, torch {torch.__version__}, {name}, {size}x{size} input, median of {runs}")
+    if on_cuda:
+        cudnn = torch.backends.cudnn.version()  # type: ignore[no-untyped-call]
+        print(f"CUDA {torch.version.cuda}, cuDNN {cudnn}")
+    print(
+        "| dtype | variant | time per call | MP/s | TFLOP/s | share of 790 TFLOP/s | first call |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    img = Image.open(PHOTO).convert("RGB").resize((size, size), Image.Resampling.LANCZOS)
+    x: Any = torch.from_numpy(np.array(img)).to(device).permute(2, 0, 1)[None].float() / 255.0
+    path = WEIGHTS / "upscale" / f"{name}.safetensors"
+
+    def sync() -> None:
+        if on_cuda:
             torch.cuda.synchronize()
+
+    def model_pass(up: Upscaler) -> Callable[[], object]:
+        def call() -> object:
+            y = up.forward(x)
+            sync()
             return y
 
-        def end_to_end(up: Upscaler = up) -> object:
-            sink = ArraySink(size * 4, size * 4, 3)
+        return call
+
+    def end_to_end(up: Upscaler) -> Callable[[], object]:
+        def call() -> object:
+            sink = ArraySink(size * up.scale, size * up.scale, 3)
             up.stream(img, sink, tile=size)
             return sink.array
 
-        with torch.inference_mode():
-            seconds = median_seconds(model_pass, runs)
-        total = median_seconds(end_to_end, runs)
+        return call
+
+    def measure(dtype: str, variant: str, make: Callable[[], Callable[[], object]]) -> None:
+        started = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                call = make()
+                call()  # compiles, captures or tunes, once
+                setup = time.perf_counter() - started
+                seconds = median_seconds(call, runs)
+        except Exception as exc:  # noqa: BLE001 (one broken variant must not take the other rows)
+            print(f"| {dtype} | {variant} | failed: {type(exc).__name__}: {exc} | | | | |")
+            return
         tflops = X4PLUS_FLOP_PER_PIXEL * size * size / seconds / 1e12
         print(
-            f"| {dtype} (ran as {up.precision}) | {seconds * 1e3:.1f} ms "
-            f"| {size * size / 1e6 / seconds:.1f} | {tflops:.0f} | {tflops / H200_TFLOPS:.0%} "
-            f"| {total * 1e3:.1f} ms |",
+            f"| {dtype} | {variant} | {seconds * 1e3:.1f} ms | {size * size / 1e6 / seconds:.1f} "
+            f"| {tflops:.0f} | {tflops / H200_TFLOPS:.1%} | {setup:.1f} s |",
             flush=True,
         )
+
+    def compiled(spec: DeviceSpec) -> Callable[[], object]:
+        return model_pass(Upscaler(name, path, spec, tile=size, compile=True, cpu_winograd=False))
+
+    for dtype in ("float16", "bfloat16") if on_cuda else ("bfloat16",):
+        spec = DeviceSpec(device, dtype)  # type: ignore[arg-type]
+        up = Upscaler(name, path, spec, tile=size, cpu_winograd=False)
+        label = f"{dtype} (ran as {up.precision})"
+        measure(label, "service, model pass", partial(model_pass, up))
+        measure(label, "service, end to end (PIL in, uint8 out)", partial(end_to_end, up))
+        if on_cuda:
+            measure(label, "one CUDA graph", partial(cuda_graph, up, x))
+            torch.backends.cudnn.benchmark = True  # cuDNN times its algorithms per shape once
+            measure(label, "eager, cudnn.benchmark", partial(model_pass, up))
+            torch.backends.cudnn.benchmark = False
+        del up
+        measure(label, "torch.compile (IMGSVC_TORCH_COMPILE)", partial(compiled, spec))
+        if on_cuda:
+            torch.cuda.empty_cache()
 
 
 def main() -> None:
@@ -237,12 +315,17 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true", help="smoke run: animevideov3, 64 px")
     parser.add_argument("--gpu", action="store_true", help="the GPU section (needs CUDA)")
+    parser.add_argument(
+        "--gpu-smoke", action="store_true", help="the GPU section's code on CPU, tiny input"
+    )
     parser.add_argument("--tiled", type=int, metavar="PX", help="ours vs direct at PX x PX")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
     if args.gpu:
-        gpu(args.runs)
+        gpu(max(args.runs, 10))
+    elif args.gpu_smoke:
+        gpu(1, device="cpu", size=32, name="realesr-animevideov3")
     elif args.tiled:
         tiled(list(NCNN_STEMS), args.tiled, args.threads)
     elif args.quick:
