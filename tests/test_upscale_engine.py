@@ -103,6 +103,17 @@ def test_split_forward_matches_one_pass(repo_weights: Path) -> None:
 
 
 @pytest.mark.skipif(not NATIVE_BF16, reason="bf16 is used only on CPUs with native bf16")
+def test_compact_prefers_winograd_to_bf16(repo_weights: Path) -> None:
+    """On a native-bf16 CPU Compact runs fp32 Winograd (faster there, and exact) where the
+    kernels build, and bf16 only without them."""
+    path = repo_weights / "upscale" / "realesr-animevideov3.safetensors"
+    fast = Upscaler("realesr-animevideov3", path, CPU, tile=256)
+    assert (fast.precision, fast.convolutions) == ("float32", "winograd")
+    plain = Upscaler("realesr-animevideov3", path, CPU, tile=256, cpu_winograd=False)
+    assert (plain.precision, plain.convolutions) == ("bfloat16", "direct")
+
+
+@pytest.mark.skipif(not NATIVE_BF16, reason="bf16 is used only on CPUs with native bf16")
 @pytest.mark.parametrize("name", ["realesrgan-x4plus", "realesrgan-x4plus-anime"])
 def test_rrdbnet_mixed_bf16_stays_close_to_fp32(repo_weights: Path, name: str) -> None:
     """RRDBNet in mixed bf16 (residual stream fp32) vs fp32 on a real photo: >= 48 dB.

@@ -22,12 +22,25 @@ from imgsvc.models.upscale import Upscaler
 from tests.upscale_helpers import psnr
 from tests.utils import DATA, REPO
 
+
+def _has_compiler() -> bool:
+    try:
+        winograd_build._compiler()
+    except winograd_build.KernelUnavailable:
+        return False
+    return True
+
+
+HAS_COMPILER = _has_compiler()
 pytestmark = [
-    pytest.mark.skipif(
-        not winograd_build.available(), reason="no C compiler: the Winograd kernels cannot be built"
-    ),
+    pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler: the kernels cannot be built"),
     pytest.mark.usefixtures("two_torch_threads"),
 ]
+
+
+def test_kernels_build_where_there_is_a_compiler() -> None:
+    """A compiler that cannot build the kernels is a defect here, not a reason to skip."""
+    assert winograd_build.available(), winograd_build._failure
 
 
 def close(out: torch.Tensor, ref: torch.Tensor) -> None:
@@ -47,6 +60,15 @@ ACTIVATIONS = {
 }
 
 
+@pytest.fixture(params=["fused", "bands"])
+def conv_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A plain convolution runs fused (wino_conv) by default; the bands (transforms and one
+    bmm per band) remain for dense blocks and as the fallback: both must compute the same."""
+    monkeypatch.setattr(winograd, "FUSED", request.param == "fused")
+    return str(request.param)
+
+
+@pytest.mark.usefixtures("conv_path")
 @pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
 @pytest.mark.parametrize(
     ("n", "cin", "cout", "h", "w"),
@@ -88,6 +110,42 @@ def test_bands_of_tile_rows_give_the_same_result(
         close(winograd.WinogradConv2d(conv, act)(x), act(conv(x)))
 
 
+@pytest.mark.parametrize("chunk", [1, 5, 32])
+@pytest.mark.parametrize("own_products", [True, False])
+def test_fused_chunks_and_products(
+    monkeypatch: pytest.MonkeyPatch, chunk: int, own_products: bool
+) -> None:
+    """wino_conv: any chunk of tiles (the last one short, a chunk across two images of a
+    batch), products in its own kernel or, for output channels off its vector width, MKL."""
+    width = winograd_build.library().wino_vector_width()
+    cout = 2 * width if own_products else width + 4
+    if not own_products and winograd_build.blas() is None:
+        pytest.skip("torch without MKL: such convolutions run in bands")
+    monkeypatch.setattr(winograd, "CHUNK_TILES", chunk)
+    conv, act = nn.Conv2d(24, cout, 3, padding=1), nn.PReLU(cout, 0.3)
+    fused = winograd.WinogradConv2d(conv, act)
+    assert fused.fusable()
+    x = torch.randn(2, 24, 23, 40)  # 4 x 7 tiles per image: 56 tiles, no multiple of 5 or 32
+    with torch.inference_mode():
+        close(fused(x), act(conv(x)))
+
+
+def test_fused_runs_without_mkl_where_its_kernel_multiplies(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """torch builds without MKL (arm64, macOS): our products alone; off-width channel counts
+    fall back to the bands."""
+    monkeypatch.setattr(winograd_build, "_blas", None)
+    width = winograd_build.library().wino_vector_width()
+    assert winograd.WinogradConv2d(nn.Conv2d(16, width, 3, padding=1)).fusable()
+    odd = winograd.WinogradConv2d(nn.Conv2d(16, width + 1, 3, padding=1))
+    assert not odd.fusable()
+    x = torch.randn(1, 16, 20, 20)
+    with torch.inference_mode():
+        close(odd(x), odd.conv(x))
+
+
+@pytest.mark.usefixtures("conv_path")
 def test_thread_counts_agree() -> None:
     conv = nn.Conv2d(32, 32, 3, padding=1)
     x = torch.randn(2, 32, 50, 70)
@@ -255,6 +313,7 @@ def test_kernels_are_cached_by_source_compiler_and_cpu(tmp_path: Path) -> None:
     assert len(built) == 1 and built[0].name.startswith("winograd-"), built  # no partial files
 
 
+@pytest.mark.usefixtures("conv_path")
 def test_two_threads_share_a_model() -> None:
     """IMGSVC_CONCURRENCY_UPSCALE > 1 runs one model from several threads: each thread has its
     own transform buffers, so concurrent calls give what sequential calls give."""

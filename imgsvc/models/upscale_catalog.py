@@ -18,11 +18,12 @@ SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt")
 # CPU seconds per input megapixel at the native scale, 2 threads, 128x128 input in one tile
 # (bench/upscale.py, 2026-11-29), keyed by the weights' version (sha256 prefix), for how the
 # service runs them (upscale.cpu_kind): "bf16" on a 2-core AMD EPYC with AVX512-BF16 (x4plus
-# models bf16-mixed, animevideov3 bf16); "fp32-winograd" and "fp32" (oneDNN's direct
-# convolutions, no C compiler or IMGSVC_UPSCALE_CPU_WINOGRAD=false) on a 2-core AMD EPYC with
-# AVX2 only. Tiled images cost up to ~1.3-1.9x more (each tile runs with extra context).
+# models bf16-mixed, animevideov3 fp32 with fused Winograd); "fp32-winograd" and "fp32"
+# (oneDNN's direct convolutions, no C compiler or IMGSVC_UPSCALE_CPU_WINOGRAD=false) on a
+# 2-core AMD EPYC with AVX2 only, measured before the fused Winograd path (wino_conv), so an
+# upper bound there. Tiled images cost up to ~1.3-1.9x more (each tile runs with extra context).
 CPU_SECONDS_PER_INPUT_MP = {
-    "bf16": {"f2661ad9dcc3": 99.0, "4090b0cea6c8": 31.0, "15e90bcbbedc": 3.3},
+    "bf16": {"f2661ad9dcc3": 99.0, "4090b0cea6c8": 31.0, "15e90bcbbedc": 2.8},
     "fp32-winograd": {"f2661ad9dcc3": 152.0, "4090b0cea6c8": 58.0, "15e90bcbbedc": 5.2},
     "fp32": {"f2661ad9dcc3": 270.0, "4090b0cea6c8": 107.0, "15e90bcbbedc": 8.8},
 }

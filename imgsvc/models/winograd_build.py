@@ -74,8 +74,45 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.wino_input.argtypes = [ptr, ptr, *[long_] * 8, int_]
     lib.wino_output.argtypes = [ptr, ptr, ptr, ptr, float_, ptr, *[long_] * 6, int_]
     lib.shuffle_add.argtypes = [ptr, ptr, ptr, *[long_] * 5, int_]
+    lib.wino_conv.argtypes = [*[ptr] * 5, float_, ptr, *[long_] * 6, ptr, ptr, ptr, int_]
+    lib.wino_conv_scratch.argtypes = [long_, long_, long_]
+    lib.wino_conv_scratch.restype = long_
+    lib.wino_vector_width.argtypes = []
+    lib.wino_vector_width.restype = int_
     lib.wino_input.restype = lib.wino_output.restype = lib.shuffle_add.restype = ctypes.c_int
+    lib.wino_conv.restype = ctypes.c_int
     return lib
+
+
+_blas: tuple[int, int] | bool | None = False  # False: not looked up yet
+
+
+def blas() -> tuple[int, int] | None:
+    """Addresses of MKL's `sgemm_` and `MKL_Set_Num_Threads_Local` in torch's own library
+    (x86-64 builds of torch carry MKL), for `wino_conv`; None where torch has no MKL."""
+    global _blas
+    if _blas is False:
+        _blas = _find_blas()
+    return _blas if isinstance(_blas, tuple) else None
+
+
+def _find_blas() -> tuple[int, int] | None:
+    import torch
+
+    if not torch.backends.mkl.is_available():  # type: ignore[no-untyped-call]
+        return None
+    folder = Path(torch.__file__).parent / "lib"
+    for name in ("libtorch_cpu.so", "libtorch_cpu.dylib", "torch_cpu.dll"):
+        if (folder / name).is_file():
+            try:
+                lib = ctypes.CDLL(str(folder / name))
+                gemm, local = lib.sgemm_, lib.MKL_Set_Num_Threads_Local  # C, by value
+            except (OSError, AttributeError):
+                return None
+            address = ctypes.cast(gemm, ctypes.c_void_p).value
+            threads = ctypes.cast(local, ctypes.c_void_p).value
+            return (address, threads) if address and threads else None
+    return None
 
 
 def _compiler() -> str:
