@@ -14,6 +14,7 @@ the service's eager path, eager with cudnn.benchmark, one CUDA graph and torch.c
 `bench/gpu_session.sh` is the whole prepared session).
 
     python bench/upscale.py            # full CPU run (about 8 minutes on 2 cores)
+    python bench/upscale.py --models realesr-animevideov3   # one model
     python bench/upscale.py --quick    # smoke run, a few seconds
     python bench/upscale.py --gpu      # GPU section
     python bench/upscale.py --gpu-smoke   # the GPU section's code on CPU, a few seconds
@@ -64,9 +65,9 @@ def median_seconds(fn: Callable[[], object], runs: int) -> float:
     return statistics.median(times)
 
 
-def interleaved_medians(calls: list[Callable[[], object]], runs: int) -> tuple[list[float], int]:
-    """Median seconds of each call, the calls taken in turns (one round = each call once), and
-    how many rounds ran.
+def interleaved_times(calls: list[Callable[[], object]], runs: int) -> list[list[float]]:
+    """Seconds of every call of each contender, the contenders called in turns (one round =
+    each call once).
 
     Side by side in one loop, so every contender meets the same machine: on a shared VM the
     speed of these cores drifts by up to 2x over tens of seconds, which measuring one contender
@@ -82,7 +83,23 @@ def interleaved_medians(calls: list[Callable[[], object]], runs: int) -> tuple[l
             start = time.perf_counter()
             call()
             spent.append(time.perf_counter() - start)
+    return times
+
+
+def interleaved_medians(calls: list[Callable[[], object]], runs: int) -> tuple[list[float], int]:
+    """Median seconds of each contender (see interleaved_times) and how many rounds ran."""
+    times = interleaved_times(calls, runs)
     return [statistics.median(t) for t in times], len(times[0])
+
+
+def per_round(reference: list[float], mine: list[float]) -> str:
+    """reference / mine round by round: median [quartiles]. Each round's contenders ran within
+    a second of each other, so this ratio holds through the machine's slow and fast spells."""
+    ratios = [r / m for r, m in zip(reference, mine, strict=True)]
+    if len(ratios) < 2:
+        return f"{ratios[0]:.2f}x"
+    q1, median, q3 = statistics.quantiles(ratios, n=4)
+    return f"{median:.2f}x [{q1:.2f}-{q3:.2f}]"
 
 
 def crop(size: int) -> Image.Image:
@@ -159,9 +176,10 @@ def cpu(models: list[str], size: int, runs: int, threads: int, *, with_compile: 
     )
     print(
         "| model | torch plain fp32 | ours direct fp32 | ours | ours vs direct (PSNR) "
-        "| direct + torch.compile | ncnn | ours vs ncnn | ours s per input MP | rounds |"
+        "| direct + torch.compile | ncnn | ours vs ncnn | per round "
+        "| ours s per input MP | rounds |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name in models:
         fp32_call, _ = ours(name, img, fast=False)
         mine_call, precision = ours(name, img)
@@ -173,11 +191,13 @@ def cpu(models: list[str], size: int, runs: int, threads: int, *, with_compile: 
             ours(name, img, compile=with_compile, fast=False)[0],
             ncnn_run(name, img, threads),
         ]
-        (plain, fp32, mine, compiled, reference), rounds = interleaved_medians(calls, runs)
+        times = interleaved_times(calls, runs)
+        plain, fp32, mine, compiled, reference = (statistics.median(t) for t in times)
         print(
             f"| {name} | {plain:.3f} s | {fp32:.3f} s | {mine:.3f} s ({precision}) "
             f"| {quality:.1f} dB | {compiled:.3f} s | {reference:.3f} s "
-            f"| {reference / mine:.2f}x | {mine / mp:.1f} | {rounds} |",
+            f"| {reference / mine:.2f}x | {per_round(times[4], times[2])} | {mine / mp:.1f} "
+            f"| {len(times[0])} |",
             flush=True,
         )
 
@@ -310,6 +330,7 @@ def gpu(
 
 
 def main() -> None:
+    global MIN_SECONDS
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
@@ -319,19 +340,28 @@ def main() -> None:
         "--gpu-smoke", action="store_true", help="the GPU section's code on CPU, tiny input"
     )
     parser.add_argument("--tiled", type=int, metavar="PX", help="ours vs direct at PX x PX")
+    parser.add_argument("--models", help="comma-separated subset of " + ",".join(NCNN_STEMS))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--min-seconds", type=float, default=MIN_SECONDS, help="least time per model, in turns"
+    )
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
+    MIN_SECONDS = args.min_seconds
+    models = args.models.split(",") if args.models else list(NCNN_STEMS)
+    unknown = set(models) - set(NCNN_STEMS)
+    if unknown:
+        parser.error(f"unknown models: {', '.join(sorted(unknown))}")
     if args.gpu:
         gpu(max(args.runs, 10))
     elif args.gpu_smoke:
         gpu(1, device="cpu", size=32, name="realesr-animevideov3")
     elif args.tiled:
-        tiled(list(NCNN_STEMS), args.tiled, args.threads)
+        tiled(models, args.tiled, args.threads)
     elif args.quick:
         cpu(["realesr-animevideov3"], 64, 1, args.threads, with_compile=False)
     else:
-        cpu(list(NCNN_STEMS), 128, args.runs, args.threads, with_compile=True)
+        cpu(models, 128, args.runs, args.threads, with_compile=True)
 
 
 if __name__ == "__main__":
