@@ -13,8 +13,11 @@ pixel; oneDNN runs that near the cores' fp32 peak and still loses to ncnn, which
    convolution (PReLU, LeakyReLU, ReLU), written straight into the NHWC output.
 
 Steps 1 and 3 are C (`winograd_kernels.c`, compiled for this CPU at first use and cached, see
-`winograd_build.py`) on torch's OpenMP threads; a convolution runs in bands of tile rows that
-stay in cache (BAND_BYTES).
+`winograd_build.py`) on torch's OpenMP threads. A plain convolution runs all three steps fused
+in C (`wino_conv`): each thread takes CHUNK_TILES tiles at a time through them in its own cache,
+with the products in our own register-blocked kernel (MKL's sgemm from torch's library for
+output channels off its vector width). Dense blocks run in bands of tile rows that stay in
+cache (BAND_BYTES), with one `torch.bmm` per band.
 The matrices are Lavin & Gray's F(6,3) (the points 0, ±1, ±2, ±1/2, ∞, as in ncnn and NNPACK);
 the result matches oneDNN's direct convolution to ~1e-5 relative. `convert` swaps every
 eligible `Conv2d` (3x3, stride 1, padding 1, no groups, at least MIN_CHANNELS out) of a

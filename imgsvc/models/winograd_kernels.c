@@ -1,4 +1,5 @@
-/* Winograd F(6x6, 3x3) input and output transforms on NHWC float32 (see winograd.py).
+/* Winograd F(6x6, 3x3) input and output transforms on NHWC float32 (see winograd.py), and
+ * wino_conv: a whole convolution with both transforms and the products fused per thread.
  *
  * Channels are innermost, so every loop over `c` is a plain vector loop over eight input and
  * up to eight output streams. A call covers a band of tile rows [band_begin, band_end) of the
