@@ -140,6 +140,10 @@ class Upscaler:
         half: Any = getattr(torch, device.half_dtype) if device.half_dtype else None
         self._descriptor: Any = self._load(torch.float32)
         self._winograd = device.device == "cpu" and cpu_winograd and not compile
+        if self._winograd:
+            from imgsvc.models import winograd_build
+
+            self._winograd = winograd_build.available()  # the kernels built for this CPU
         if half == torch.bfloat16 and self._descriptor.supports_bfloat16:
             self._set_dtype(torch.bfloat16)
         elif half is not None and self._descriptor.supports_half:
@@ -178,21 +182,21 @@ class Upscaler:
         """bf16 for the architectures where it was measured to hold; others stay fp32."""
         import torch
 
-        from imgsvc.models import mixed_bf16, winograd_build
+        from imgsvc.models import mixed_bf16
 
         architecture = self._descriptor.architecture.name
         if architecture in CPU_BF16_ARCHS:
-            if not (self._winograd and winograd_build.available()):
+            if not self._winograd:
                 self._set_dtype(torch.bfloat16)
         elif architecture in CPU_MIXED_BF16_ARCHS and mixed_bf16.mix(self._descriptor.model):
             self.precision = "bf16-mixed"
 
     def _use_winograd(self) -> None:
         """fp32 3x3 convolutions on CPU as Winograd F(6,3), where allowed and the kernels build."""
-        from imgsvc.models import winograd, winograd_build
+        from imgsvc.models import winograd
 
         model = self._descriptor.model
-        if self._winograd and winograd_build.available() and winograd.convert(model):
+        if self._winograd and winograd.convert(model):
             self.convolutions = "winograd"
             winograd.fuse_compact_tail(model)
 

@@ -273,11 +273,11 @@ static inline __attribute__((always_inline)) void micro(const float *restrict v,
                                                         float *restrict m, long K, long N,
                                                         const int R, const int Q)
 {
-    vec_t acc[RB][QB];
+    vec_t acc[RB][4]; /* R <= RB rows by Q <= QB <= 4 vectors; the rest is never touched */
     for (int r = 0; r < R; r++)
         for (int q = 0; q < Q; q++) acc[r][q] = (vec_t){0};
     for (long k = 0; k < K; k++) {
-        vec_t w[QB];
+        vec_t w[4];
         for (int q = 0; q < Q; q++) w[q] = *(const uvec_t *)(u + k * N + q * VW);
         for (int r = 0; r < R; r++) {
             const vec_t b = (vec_t){0} + v[r * K + k];
@@ -288,13 +288,14 @@ static inline __attribute__((always_inline)) void micro(const float *restrict v,
         for (int q = 0; q < Q; q++) *(uvec_t *)(m + r * N + q * VW) = acc[r][q];
 }
 
+/* R rows of M at row t, columns [n0, n0 + q * VW): the block sizes as constants */
 #define MICRO(R, Q) micro(v + t * K, u + n0, m + t * N + n0, K, N, R, Q)
 #define BY_VECTORS(R)                                                                      \
     switch (q) {                                                                           \
     case 1: MICRO(R, 1); break;                                                            \
     case 2: MICRO(R, 2); break;                                                            \
-    case 3: if (QB >= 3) MICRO(R, (QB >= 3 ? 3 : 1)); break;                               \
-    default: if (QB >= 4) MICRO(R, (QB >= 4 ? 4 : 1)); break;                              \
+    case 3: MICRO(R, 3); break;                                                            \
+    default: MICRO(R, 4); break;                                                           \
     }
 
 static void products(const float *v, const float *u, float *m, long T, long K, long N)
@@ -327,14 +328,17 @@ static void *conv_job(void *arg)
         }
         /* M_p (T x cout) = V_p (T x cin) @ U_p (cin x cout), row-major; in BLAS's column-major
          * terms M_p' = U_p' V_p' */
-        const int rows = (int)cout, cols = (int)T, inner = (int)cin;
-        if (cout % VW == 0)
-            for (long p = 0; p < 64; p++)
-                products(v + p * T * cin, j->u + p * cin * cout, m + p * T * cout, T, cin, cout);
-        else
-            for (long p = 0; p < 64; p++)
-                j->gemm("N", "N", &rows, &cols, &inner, &one, j->u + p * cin * cout, &rows,
-                    v + p * T * cin, &inner, &nothing, m + p * T * cout, &rows);
+        for (long p = 0; p < 64; p++) {
+            const float *vp = v + p * T * cin, *up = j->u + p * cin * cout;
+            float *mp = m + p * T * cout;
+            if (cout % VW == 0) {
+                products(vp, up, mp, T, cin, cout);
+            } else {
+                const int rows = (int)cout, cols = (int)T, inner = (int)cin;
+                j->gemm("N", "N", &rows, &cols, &inner, &one, up, &rows, vp, &inner, &nothing,
+                        mp, &rows);
+            }
+        }
         for (long t = t0; t < t0 + T; t++) {
             const long row = t / j->tiles_x;
             output_tile(&jout, row / j->tiles_y, row % j->tiles_y, t % j->tiles_x, m, T, t - t0,
