@@ -1,11 +1,11 @@
 """Prompt inpainting: our endpoint vs a bare diffusers pipeline call, same weights, same process.
 
 CPU (default): the real Stable Diffusion 1.5 inpainting architecture, built from its published
-configs (`imgsvc.models.single_file.sd15_inpaint_configs`) with random weights (speed does not
-depend on weight values), saved as a diffusers folder and served by the in-process app; a
-256x256 image whose mask makes the crop the whole image, so both sides run the UNet on the same
-32x32 latents. The UNet's `sample_size` is set to 32 so its native working size is 256 (the
-network itself is unchanged). Reports the median seconds and the overhead ratio.
+configs (`imgsvc.models.inpaint.single_file.sd15_inpaint_configs`) with random weights
+(speed does not depend on weight values), saved as a diffusers folder and served by the
+in-process app; a 256x256 image whose mask makes the crop the whole image, so both sides run
+the UNet on the same 32x32 latents. The UNet's `sample_size` is set to 32 so its native working
+size is 256 (the network itself is unchanged). Reports the median seconds and the overhead ratio.
 
 `--quick`: the same measurement on the tiny test pipeline (a few seconds).
 
@@ -44,7 +44,7 @@ def build_sd15_folder(dest: Path, *, sample_size: int, dtype: Any) -> Path:
     import torch
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from imgsvc.models.single_file import sd15_inpaint_configs
+    from imgsvc.models.inpaint.single_file import sd15_inpaint_configs
     from imgsvc.testing.tiny_diffusion import save_inpaint_pipeline
 
     configs = sd15_inpaint_configs()
@@ -203,8 +203,8 @@ def gpu_bench(args: argparse.Namespace) -> None:
     import torch
 
     from imgsvc.models.device import DeviceSpec, select_device
-    from imgsvc.models.diffusion import DiffusionInpaintEngine
-    from imgsvc.models.masks import blend_mask
+    from imgsvc.models.inpaint.diffusion import DiffusionInpaintEngine
+    from imgsvc.models.inpaint.masks import blend_mask
 
     if args.gpu_smoke:  # the same code on the CPU, tiny, to check the script before a session
         device, dtype, size = DeviceSpec("cpu", None), torch.float32, 64

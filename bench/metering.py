@@ -40,7 +40,7 @@ from imgsvc.billing import keys, metering
 from imgsvc.billing.db import Database
 from imgsvc.billing.metering import UsageRecord
 from imgsvc.config import Settings
-from imgsvc.models import masks
+from imgsvc.models.inpaint import masks
 
 PG_ADMIN = os.environ.get(
     "IMGSVC_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test"

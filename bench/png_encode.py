@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.remove_background import WEIGHTS, photos
 from imgsvc import images
 from imgsvc.cutout.pipeline import RemovalOptions, remove_background
-from imgsvc.models.background import BackgroundRemover
+from imgsvc.models.background.remover import BackgroundRemover
 from imgsvc.png_stream import DEFLATE_BACKEND
 
 

@@ -36,8 +36,8 @@ import torch
 from PIL import Image
 
 from imgsvc.models.device import DeviceSpec
-from imgsvc.models.tiling import ArraySink
-from imgsvc.models.upscale import Upscaler
+from imgsvc.models.upscale.engine import Upscaler
+from imgsvc.models.upscale.tiling import ArraySink
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = REPO / "weights"

@@ -24,10 +24,10 @@ from imgsvc.billing.pricing import load_prices
 from imgsvc.billing.ratelimit import RateLimiter
 from imgsvc.config import Settings
 from imgsvc.errors import ServiceError
-from imgsvc.models import winograd_build
-from imgsvc.models.background import require_onnx_cuda
+from imgsvc.models.background.remover import require_onnx_cuda
 from imgsvc.models.device import select_device
 from imgsvc.models.registry import Registry
+from imgsvc.models.upscale.cpu import build as winograd_build
 from imgsvc.routes import (
     account,
     admin,

@@ -116,7 +116,8 @@ def cmd_usage(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_weights(args: argparse.Namespace, settings: Settings) -> int:
-    from imgsvc.models.weights import WeightsError, pull
+    from imgsvc.weights.manifest import WeightsError
+    from imgsvc.weights.pull import pull
 
     try:
         installed = pull(settings.weights_dir, log=lambda line: print(line, flush=True))

@@ -32,7 +32,7 @@ def two_torch_threads() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def repo_weights() -> Path:
     """The repository's weights/, pulled (a no-op when already there and verified)."""
-    from imgsvc.models.weights import pull
+    from imgsvc.weights.pull import pull
 
     weights = REPO / "weights"
     pull(weights, log=lambda line: None)

@@ -15,7 +15,7 @@ from imgsvc.cutout.layout import Layout, place
 from imgsvc.cutout.pipeline import RemovalOptions, remove_background
 from imgsvc.cutout.presets import PRESETS, Preset, check
 from imgsvc.errors import InvalidInput
-from imgsvc.models.background import BackgroundRemover, CutoutOptions
+from imgsvc.models.background.remover import BackgroundRemover, CutoutOptions
 from tests.utils import DATA
 
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 from imgsvc.errors import InvalidInput, ModelUnavailable
 from imgsvc.models.device import DeviceSpec
-from imgsvc.models.diffusion import SCHEDULERS, DiffusionInpaintEngine, find_pipelines
+from imgsvc.models.inpaint.diffusion import SCHEDULERS, DiffusionInpaintEngine, find_pipelines
 from tests.utils import one_torch_thread_no_network
 
 torch = pytest.importorskip("torch")

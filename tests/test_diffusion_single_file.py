@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 from imgsvc.errors import ModelUnavailable
-from imgsvc.models import single_file
 from imgsvc.models.device import DeviceSpec
-from imgsvc.models.diffusion import DiffusionInpaintEngine, find_pipelines
+from imgsvc.models.inpaint import single_file
+from imgsvc.models.inpaint.diffusion import DiffusionInpaintEngine, find_pipelines
 from tests.utils import one_torch_thread_no_network
 
 torch = pytest.importorskip("torch")

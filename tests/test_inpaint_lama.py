@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from imgsvc.errors import ModelUnavailable, UnknownModel
-from imgsvc.models import masks
 from imgsvc.models.device import DeviceSpec
+from imgsvc.models.inpaint import masks
 from imgsvc.models.registry import Registry
 
 torch = pytest.importorskip("torch")

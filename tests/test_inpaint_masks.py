@@ -7,9 +7,9 @@ import pytest
 from PIL import Image
 
 from imgsvc.errors import InvalidInput
-from imgsvc.models import masks, region
-from imgsvc.models.device_queue import DeviceQueue, QueueFull
-from imgsvc.models.erase import OpenCVEraser
+from imgsvc.models.admission import DeviceQueue, QueueFull
+from imgsvc.models.inpaint import masks, region
+from imgsvc.models.inpaint.erase import OpenCVEraser
 
 
 def _noise(size: tuple[int, int], seed: int = 0) -> Image.Image:

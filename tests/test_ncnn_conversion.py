@@ -18,8 +18,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from imgsvc.models.ncnn_convert import convert_ncnn_realesrgan, safetensors_bytes
-from imgsvc.models.weights import pull, weight_path
+from imgsvc.weights.manifest import weight_path
+from imgsvc.weights.ncnn_convert import convert_ncnn_realesrgan, safetensors_bytes
+from imgsvc.weights.pull import pull
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
 PHOTO = Path(__file__).parent / "data" / "photo_crop.png"

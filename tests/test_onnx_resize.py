@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from imgsvc.models.onnx_resize import constant_resize_model, largest_difference
+from imgsvc.models.background.onnx_resize import constant_resize_model, largest_difference
 
 
 def _graph_resized_like(tmp_path: Path, repeats: int, keep: int, batch: int | str = 1) -> Path:

@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 
 from imgsvc.errors import InvalidInput
-from imgsvc.models import mixed_bf16
 from imgsvc.models.device import DeviceSpec
-from imgsvc.models.tiling import ArraySink, FeatherBlender, tile_jobs
-from imgsvc.models.upscale import Upscaler, output_size
+from imgsvc.models.upscale import mixed_bf16
+from imgsvc.models.upscale.engine import Upscaler, output_size
+from imgsvc.models.upscale.tiling import ArraySink, FeatherBlender, tile_jobs
 from imgsvc.png_stream import PngStreamWriter
 from tests.upscale_helpers import LOGO_COLOUR, NATIVE_BF16, logo, psnr, save_tiny_compact
 from tests.utils import DATA

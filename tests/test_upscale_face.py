@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 from imgsvc.errors import ModelUnavailable
-from imgsvc.models import face
 from imgsvc.models.device import DeviceSpec
+from imgsvc.models.upscale import face
 from tests.utils import DATA
 
 FACE_BOX = (100, 50, 228, 178)  # where the given landmarks put a 128 px face

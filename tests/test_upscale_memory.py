@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 from imgsvc.models.device import DeviceSpec
-from imgsvc.models.upscale import Upscaler
+from imgsvc.models.upscale.engine import Upscaler
 from imgsvc.png_stream import PngStreamWriter
 
 src, weights, dest = map(Path, sys.argv[1:4])

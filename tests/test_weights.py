@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from imgsvc.models.weights import (
+from imgsvc.weights.manifest import (
     MANIFEST,
     WeightsError,
     WeightSpec,
     load_manifest,
-    pull,
     status,
     weight_path,
 )
+from imgsvc.weights.pull import pull
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
 

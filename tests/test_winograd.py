@@ -15,10 +15,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-from imgsvc.models import winograd, winograd_build
 from imgsvc.models.device import DeviceSpec
-from imgsvc.models.tiling import ArraySink
-from imgsvc.models.upscale import Upscaler
+from imgsvc.models.upscale.cpu import build as winograd_build
+from imgsvc.models.upscale.cpu import winograd
+from imgsvc.models.upscale.engine import Upscaler
+from imgsvc.models.upscale.tiling import ArraySink
 from tests.upscale_helpers import psnr
 from tests.utils import DATA, REPO
 
@@ -262,10 +263,10 @@ import json, sys
 from pathlib import Path
 import torch
 from PIL import Image
-from imgsvc.models import winograd_build
+from imgsvc.models.upscale.cpu import build as winograd_build
 from imgsvc.models.device import DeviceSpec
-from imgsvc.models.tiling import ArraySink
-from imgsvc.models.upscale import Upscaler
+from imgsvc.models.upscale.tiling import ArraySink
+from imgsvc.models.upscale.engine import Upscaler
 up = Upscaler("c", Path(sys.argv[1]), DeviceSpec("cpu", None), tile=64, cpu_bf16=False)
 sink = ArraySink(64, 64, 3)
 up.stream(Image.new("RGB", (32, 32), (200, 30, 90)), sink)

@@ -27,7 +27,7 @@ from imgsvc.cutout.layout import (
 )
 from imgsvc.cutout.options import NO_MARGIN, PREVIEW_PIXELS, RGBA, Size
 from imgsvc.cutout.presets import Preset
-from imgsvc.models.background import BackgroundRemover, CutoutOptions
+from imgsvc.models.background.remover import BackgroundRemover, CutoutOptions
 
 ResultFormat = Literal["auto", "png", "webp", "jpg", "zip"]
 Channels = Literal["rgba", "alpha"]

@@ -17,18 +17,18 @@ import anyio.to_thread
 from anyio import CapacityLimiter
 
 from imgsvc.errors import ModelUnavailable, UnknownModel
-from imgsvc.models import erase as erase_engine
-from imgsvc.models import lama
-from imgsvc.models.background import BackgroundRemover
+from imgsvc.models.admission import DeviceQueue
+from imgsvc.models.background.remover import BackgroundRemover
 from imgsvc.models.device import DeviceName, DeviceSpec
-from imgsvc.models.device_queue import DeviceQueue
-from imgsvc.models.diffusion import DiffusionInpaintEngine, find_pipelines
-from imgsvc.models.face import FaceEnhancer
-from imgsvc.models.face import find_files as find_face_files
-from imgsvc.models.upscale import Upscaler, cpu_kind
-from imgsvc.models.upscale_catalog import inspect as inspect_upscale_file
-from imgsvc.models.upscale_catalog import list_files as list_upscale_files
-from imgsvc.models.versions import weights_version
+from imgsvc.models.inpaint import erase as erase_engine
+from imgsvc.models.inpaint import lama
+from imgsvc.models.inpaint.diffusion import DiffusionInpaintEngine, find_pipelines
+from imgsvc.models.upscale.catalog import inspect as inspect_upscale_file
+from imgsvc.models.upscale.catalog import list_files as list_upscale_files
+from imgsvc.models.upscale.engine import Upscaler, cpu_kind
+from imgsvc.models.upscale.face import FaceEnhancer
+from imgsvc.models.upscale.face import find_files as find_face_files
+from imgsvc.weights.versions import weights_version
 
 Operation = Literal["remove-background", "upscale", "inpaint"]
 T = TypeVar("T")

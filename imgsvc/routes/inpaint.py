@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from imgsvc import images
 from imgsvc.errors import InvalidInput
 from imgsvc.images import Limits, OutputFormat
-from imgsvc.models import masks
+from imgsvc.models.inpaint import masks
 from imgsvc.routes.deps import ApiKeyDep, LimitsDep, PricesDep, RegistryDep, SettingsDep
 from imgsvc.routes.metered import (
     IMAGE_RESPONSES,

@@ -8,7 +8,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
 from imgsvc.billing.pricing import BackgroundSize
-from imgsvc.models.upscale import output_size
+from imgsvc.models.upscale.engine import output_size
 from imgsvc.routes.deps import ApiKeyDep, PricesDep
 
 router = APIRouter(prefix="/v1", tags=["quote"])

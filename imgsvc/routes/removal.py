@@ -26,7 +26,7 @@ from imgsvc.cutout.pipeline import (
 )
 from imgsvc.cutout.presets import get_preset
 from imgsvc.images import Limits
-from imgsvc.models.background import CutoutOptions
+from imgsvc.models.background.remover import CutoutOptions
 from imgsvc.models.registry import Registry
 from imgsvc.routes.metered import EngineResult, metered_call
 

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFil
 
 from imgsvc.cutout.pipeline import ZIP_MEDIA_TYPE, Channels, ResultFormat
 from imgsvc.cutout.presets import PresetName
-from imgsvc.models.background import CutoutOptions
+from imgsvc.models.background.remover import CutoutOptions
 from imgsvc.models.registry import DEFAULT_BACKGROUND_MODEL
 from imgsvc.routes.deps import ApiKeyDep, LimitsDep, PricesDep, RegistryDep, SettingsDep
 from imgsvc.routes.image_input import read_image_and_background

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 
 from imgsvc.cutout.pipeline import Channels, ResultFormat
 from imgsvc.errors import InvalidInput, ServiceError
-from imgsvc.models.background import CutoutOptions
+from imgsvc.models.background.remover import CutoutOptions
 from imgsvc.models.registry import DEFAULT_BACKGROUND_MODEL
 from imgsvc.routes.deps import ApiKeyDep, LimitsDep, PricesDep, RegistryDep, SettingsDep
 from imgsvc.routes.image_input import read_image_and_background

@@ -12,9 +12,9 @@ from starlette.concurrency import run_in_threadpool
 from imgsvc import images
 from imgsvc.errors import InvalidInput
 from imgsvc.images import OutputFormat
-from imgsvc.models.face import FaceEnhancer
 from imgsvc.models.registry import DEFAULT_UPSCALE_MODEL
-from imgsvc.models.upscale import Upscaler, output_size
+from imgsvc.models.upscale.engine import Upscaler, output_size
+from imgsvc.models.upscale.face import FaceEnhancer
 from imgsvc.png_stream import PngStreamWriter
 from imgsvc.routes.deps import ApiKeyDep, LimitsDep, PricesDep, RegistryDep, SettingsDep
 from imgsvc.routes.metered import (

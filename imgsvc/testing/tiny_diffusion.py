@@ -2,9 +2,10 @@
 
 The pipeline has the exact layout of a real `StableDiffusionInpaintPipeline` checkpoint
 (`model_index.json`, `unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`), so the
-production loader (`imgsvc.models.diffusion.DiffusionInpaintEngine`) exercises its real code path,
-but every component is a few hundred kB and runs in milliseconds on one CPU thread. Its output is
-noise: use it to test plumbing (sizes, determinism, compositing, errors), never image quality.
+production loader (`imgsvc.models.inpaint.diffusion.DiffusionInpaintEngine`) exercises its real
+code path, but every component is a few hundred kB and runs in milliseconds on one CPU thread.
+Its output is noise: use it to test plumbing (sizes, determinism, compositing, errors), never
+image quality.
 
 Nothing is downloaded: the configs are written here and the tokenizer vocabulary is generated.
 The component configs follow diffusers' own test suite

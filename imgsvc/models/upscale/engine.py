@@ -28,7 +28,14 @@ from PIL import Image
 
 from imgsvc.errors import InvalidInput, ModelUnavailable
 from imgsvc.models.device import DeviceSpec, cpu_has_native_bf16
-from imgsvc.models.tiling import ArraySink, FeatherBlender, RowSink, TileJob, spans, tile_jobs
+from imgsvc.models.upscale.tiling import (
+    ArraySink,
+    FeatherBlender,
+    RowSink,
+    TileJob,
+    spans,
+    tile_jobs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +148,7 @@ class Upscaler:
         self._descriptor: Any = self._load(torch.float32)
         self._winograd = device.device == "cpu" and cpu_winograd and not compile
         if self._winograd:
-            from imgsvc.models import winograd_build
+            from imgsvc.models.upscale.cpu import build as winograd_build
 
             self._winograd = winograd_build.available()  # the kernels built for this CPU
         if half == torch.bfloat16 and self._descriptor.supports_bfloat16:
@@ -182,7 +189,7 @@ class Upscaler:
         """bf16 for the architectures where it was measured to hold; others stay fp32."""
         import torch
 
-        from imgsvc.models import mixed_bf16
+        from imgsvc.models.upscale import mixed_bf16
 
         architecture = self._descriptor.architecture.name
         if architecture in CPU_BF16_ARCHS:
@@ -193,7 +200,7 @@ class Upscaler:
 
     def _use_winograd(self) -> None:
         """fp32 3x3 convolutions on CPU as Winograd F(6,3), where allowed and the kernels build."""
-        from imgsvc.models import winograd
+        from imgsvc.models.upscale.cpu import winograd
 
         model = self._descriptor.model
         if self._winograd and winograd.convert(model):
@@ -245,7 +252,7 @@ class Upscaler:
                 blender.run(jobs, lambda job: self._tile(data, job))
         finally:
             if self.convolutions == "winograd":
-                from imgsvc.models import winograd
+                from imgsvc.models.upscale.cpu import winograd
 
                 winograd.release_workspace()  # reused across tiles, not kept between requests
 
@@ -328,7 +335,7 @@ class Upscaler:
 def cpu_kind(*, cpu_bf16: bool, cpu_winograd: bool) -> str:
     """How the known models run on this host's CPU, for the measured figures in
     upscale_catalog: "bf16" (native bf16), "fp32-winograd" or "fp32" (oneDNN direct)."""
-    from imgsvc.models import winograd_build
+    from imgsvc.models.upscale.cpu import build as winograd_build
 
     if cpu_bf16 and cpu_has_native_bf16():
         return "bf16"

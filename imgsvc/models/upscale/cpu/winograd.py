@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from imgsvc.models import winograd_build as kernels
+from imgsvc.models.upscale.cpu import build as kernels
 
 # Fewer output channels than this and the output transform costs more than the products it
 # saves (a model's 3-channel first convolution still gains: oneDNN is slow on 3-channel NHWC).

@@ -10,7 +10,7 @@ import functools
 import hashlib
 from pathlib import Path
 
-from imgsvc.models.weights import WeightsError, load_manifest
+from imgsvc.weights.manifest import WeightsError, load_manifest
 
 VERSION_CHARS = 12
 

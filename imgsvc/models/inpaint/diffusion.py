@@ -4,11 +4,11 @@ Pipelines live in `<weights_dir>/diffusers/`: either a folder `<name>/` with a
 `model_index.json` (what `pipeline.save_pretrained(...)` writes, or a Hub snapshot of e.g.
 `stable-diffusion-v1-5/stable-diffusion-inpainting`; SD 1.5/2 and SDXL inpainting, the class
 picked by `AutoPipelineForInpainting`), or a single-file checkpoint `<name>.safetensors`
-(`imgsvc.models.single_file`). Weights must be `.safetensors`; pickled `.bin` weights are
+(`imgsvc.models.inpaint.single_file`). Weights must be `.safetensors`; pickled `.bin` weights are
 refused. Loading never contacts the Hugging Face Hub: only existing local paths are passed to
 diffusers, always with `local_files_only=True`.
 
-The engine works on a padded crop around the mask (`imgsvc.models.region`) scaled to the
+The engine works on a padded crop around the mask (`imgsvc.models.inpaint.region`) scaled to the
 pipeline's native resolution, scales the result back and blends it in with the blend mask, so
 images of any size work with bounded memory and every pixel outside the mask is returned
 bit-identical. On CUDA it runs in fp16/bf16 with SDPA attention and channels-last memory.
@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image
 
 from imgsvc.errors import InvalidInput, ModelUnavailable, ServiceError
-from imgsvc.models import region, single_file
 from imgsvc.models.device import DeviceSpec
+from imgsvc.models.inpaint import region, single_file
 
 if TYPE_CHECKING:
     import torch

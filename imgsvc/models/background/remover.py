@@ -18,7 +18,7 @@ from PIL import Image
 
 from imgsvc.errors import ModelUnavailable
 from imgsvc.models.device import DeviceUnavailable
-from imgsvc.models.versions import weights_version
+from imgsvc.weights.versions import weights_version
 
 log = logging.getLogger(__name__)
 RESIZE_REWRITE_TOLERANCE = 1e-4  # largest output difference accepted from the rewritten graph
@@ -146,7 +146,7 @@ def _constant_resize_session(
     """
     import onnxruntime as ort
 
-    from imgsvc.models.onnx_resize import constant_resize_model, largest_difference
+    from imgsvc.models.background.onnx_resize import constant_resize_model, largest_difference
 
     try:
         rewritten = constant_resize_model(path)

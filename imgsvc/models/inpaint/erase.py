@@ -1,8 +1,8 @@
 """Object erase without a prompt: the engine interface, and OpenCV's weight-free fill.
 
 An eraser fills the white part of the blend mask from its surroundings, working on a crop
-around the mask (`imgsvc.models.region`), so pixels outside the mask are returned bit-identical.
-LaMa (`imgsvc.models.lama`) is used instead when its weights are installed.
+around the mask (`imgsvc.models.inpaint.region`), so pixels outside the mask are returned
+bit-identical. LaMa (`imgsvc.models.inpaint.lama`) is used instead when its weights are installed.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Literal, Protocol
 import numpy as np
 from PIL import Image
 
-from imgsvc.models import region
+from imgsvc.models.inpaint import region
 
 NAME = "opencv-telea"
 NAMES: dict[str, Literal["telea", "ns"]] = {"opencv-telea": "telea", "opencv-ns": "ns"}

@@ -15,9 +15,9 @@ import numpy as np
 from PIL import Image
 
 from imgsvc.errors import ModelUnavailable
-from imgsvc.models import region
 from imgsvc.models.device import DeviceSpec
-from imgsvc.models.erase import plan_at_full_size
+from imgsvc.models.inpaint import region
+from imgsvc.models.inpaint.erase import plan_at_full_size
 
 NAME = "lama"
 FILE_STEM = "big-lama"

@@ -1,0 +1,1 @@
+"""Background removal: rembg sessions on onnxruntime (and their graph rewrite at load)."""

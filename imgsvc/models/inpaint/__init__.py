@@ -1,0 +1,1 @@
+"""Inpainting: masks and crop plans, erase engines (OpenCV, LaMa), diffusers pipelines."""

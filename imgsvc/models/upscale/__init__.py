@@ -1,0 +1,1 @@
+"""Upscaling and restoration: spandrel models in tiles, face restoration, the weight catalog."""

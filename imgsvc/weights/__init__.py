@@ -1,0 +1,1 @@
+"""Model weights: the manifest, `imgsvc weights pull`, versions, ncnn → safetensors."""
