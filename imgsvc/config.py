@@ -1,13 +1,35 @@
-"""One Settings object, read from `IMGSVC_*` environment variables (and passed into create_app)."""
+"""One Settings object, read from `IMGSVC_*` environment variables (and passed into create_app).
+
+`python -m imgsvc.config --markdown` prints the table of every variable, by group, that
+docs/configuration.md carries (a test keeps the two the same).
+"""
 
 from __future__ import annotations
 
+import argparse
 import ipaddress
+import sys
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+GROUPS = {
+    "server": "Server",
+    "billing": "Keys, billing and rate limits",
+    "input": "Inputs and limits",
+    "models": "Models and devices",
+    "upscale": "Upscaling",
+    "inpaint": "Inpainting",
+}
+
+
+def setting(default: Any, group: str, description: str, **constraints: Any) -> Any:
+    """A field of Settings in one of GROUPS (for the generated table)."""
+    return Field(
+        default, description=description, json_schema_extra={"group": group}, **constraints
+    )
 
 
 class Settings(BaseSettings):
@@ -15,66 +37,110 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="IMGSVC_", extra="ignore")
 
-    database_url: str = Field(
+    # -- server
+    host: str = setting("127.0.0.1", "server", "bind address (also `imgsvc serve --host`)")
+    port: int = setting(8000, "server", "port (also `imgsvc serve --port`)")
+    database_url: str = setting(
         "sqlite:///./data/imgsvc.db",
-        description="SQLAlchemy URL of the keys/usage database",
+        "server",
+        "keys, ledger and usage (SQLAlchemy URL; `postgresql+psycopg://…` for several replicas)",
     )
-    weights_dir: Path = Field(Path("./weights"), description="folder holding model weights")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where models run")
-    host: str = "127.0.0.1"
-    port: int = 8000
-    admin_token: SecretStr | None = Field(None, description="bearer token for /v1/admin")
-    redis_url: str | None = Field(None, description="shared rate limits across replicas")
-    default_rate_limit: str = Field("60/minute", description="per key, unless the key sets one")
-    key_cache_seconds: float = Field(
-        2.0, ge=0, le=5, description="authenticated keys are re-checked this often (revocation)"
+    admin_token: SecretStr | None = setting(
+        None, "server", "bearer token of `/v1/admin/…` (unset: the admin API is off)"
     )
-    hold_ttl_seconds: int = Field(
-        120, ge=2, description="a call's credit hold expires this long after its last heartbeat"
+    preload_models: bool = setting(
+        True, "server", "load the default models at start (`/readyz` turns 200 when done)"
     )
-    sweep_interval_seconds: float = Field(
-        30, gt=0, description="how often expired holds are released"
+    # -- billing
+    prices_file: Path | None = setting(
+        None, "billing", "price table TOML (unset: the shipped `imgsvc/billing/prices.toml`)"
     )
-
-    prices_file: Path | None = Field(None, description="price table TOML (default: shipped)")
-    max_upload_bytes: int = Field(25 * 1024 * 1024, description="largest accepted upload")
-    max_input_pixels: int = Field(40_000_000, description="largest accepted decoded image")
-    max_output_pixels: int = Field(
-        64_000_000, description="largest output an operation may produce (upscale)"
+    redis_url: str | None = setting(
+        None, "billing", "Redis shared by replicas for rate limits (unset: in memory)"
     )
-    upscale_tile: int = Field(256, ge=32, description="tile edge (input px) for upscaling")
-    torch_compile: bool = Field(False, description="torch.compile upscale models (slow start)")
-    upscale_cpu_bf16: bool = Field(
+    default_rate_limit: str = setting("60/minute", "billing", "per key, unless the key has its own")
+    key_cache_seconds: float = setting(
+        2.0,
+        "billing",
+        "how long an authenticated key is trusted before re-checking it (revocation delay)",
+        ge=0,
+        le=5,
+    )
+    hold_ttl_seconds: int = setting(
+        120, "billing", "a call's credit hold expires this long after its last heartbeat", ge=2
+    )
+    sweep_interval_seconds: float = setting(
+        30, "billing", "how often expired holds are released", gt=0
+    )
+    dev_key_credits: int = setting(
+        1000,
+        "billing",
+        "credits of the key `imgsvc serve --dev-key` makes when the database has no keys",
+    )
+    # -- inputs
+    max_upload_bytes: int = setting(25 * 1024 * 1024, "input", "largest upload (and fetch)")
+    max_input_pixels: int = setting(40_000_000, "input", "largest decoded input image")
+    url_fetch_timeout_s: float = setting(
+        15.0, "input", "deadline of one `image_url` / `bg_image_url` fetch", gt=0
+    )
+    url_fetch_allow_cidrs: str = setting(
+        "",
+        "input",
+        "comma-separated networks URL inputs may reach although not public (e.g. an internal "
+        "image store); empty = public addresses only",
+    )
+    # -- models
+    weights_dir: Path = setting(Path("./weights"), "models", "folder holding model weights")
+    device: Literal["auto", "cpu", "cuda"] = setting(
+        "auto",
+        "models",
+        "where models run; `cuda` without a usable GPU stops the start with a clear message",
+    )
+    torch_threads: int = setting(0, "models", "torch CPU threads; 0 = torch's default", ge=0)
+    concurrency_remove_background: int = setting(
+        2, "models", "background removals run at once", ge=1
+    )
+    concurrency_upscale: int = setting(1, "models", "upscales run at once", ge=1)
+    concurrency_inpaint: int = setting(1, "models", "inpaint calls run at once", ge=1)
+    # -- upscale
+    max_output_pixels: int = setting(
+        64_000_000, "upscale", "largest output an upscale may produce (and its model pass)"
+    )
+    upscale_tile: int = setting(
+        256,
+        "upscale",
+        "tile edge in input pixels on CPU (bounds memory; on CUDA the tile follows free GPU "
+        "memory)",
+        ge=32,
+    )
+    torch_compile: bool = setting(
+        False, "upscale", "`torch.compile` the upscale models (a slow first call per tile size)"
+    )
+    upscale_cpu_bf16: bool = setting(
         True,
-        description="on CPUs with native bf16, run Compact models in bf16 and RRDBNet (x4plus) "
-        "in mixed bf16 (~2x faster, ~50 dB PSNR against fp32); false = fp32 everywhere",
+        "upscale",
+        "on CPUs with native bf16: RRDBNet (x4plus) models in mixed bf16, Compact models in "
+        "bf16 where the Winograd kernels cannot be built; false = fp32 everywhere",
     )
-    upscale_cpu_winograd: bool = Field(
+    upscale_cpu_winograd: bool = setting(
         True,
-        description="on CPU in fp32, run 3x3 convolutions as Winograd F(6,3) (kernels built with "
-        "the machine's C compiler at first use; 1.5-1.9x faster than oneDNN, same fp32 result); "
+        "upscale",
+        "on CPU in fp32: 3x3 convolutions as Winograd F(6,3) with kernels built for this CPU "
+        "(`imgsvc kernels build`, or at first use; needs a C compiler, else direct); "
         "false = oneDNN's direct convolutions",
     )
-    kernel_cache: Path | None = Field(
+    kernel_cache: Path | None = setting(
         None,
-        description="folder for the Winograd kernels built for this CPU "
-        "(default ~/.cache/imgsvc/kernels)",
+        "upscale",
+        "folder for the Winograd kernels built for this CPU (unset: ~/.cache/imgsvc/kernels)",
     )
-    max_inpaint_steps: int = Field(100, ge=1)
-    dev_key_credits: int = Field(1000, description="credits of the key made on first start")
-    concurrency_remove_background: int = Field(2, ge=1)
-    concurrency_upscale: int = Field(1, ge=1)
-    concurrency_inpaint: int = Field(1, ge=1)
-    inpaint_queue_depth: int = Field(
-        4, ge=0, description="inpaint calls that may wait for the device; more get 503"
-    )
-    torch_threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch's default")
-    preload_models: bool = Field(True, description="load default models at start (readyz)")
-    url_fetch_timeout_s: float = Field(15.0, gt=0, description="deadline of one image_url fetch")
-    url_fetch_allow_cidrs: str = Field(
-        "",
-        description="comma-separated networks image_url may reach although not public "
-        "(e.g. an internal image store); empty = public addresses only",
+    # -- inpaint
+    max_inpaint_steps: int = setting(100, "inpaint", "most denoising steps per call", ge=1)
+    inpaint_queue_depth: int = setting(
+        4,
+        "inpaint",
+        "inpaint calls that may wait for the device; more get 503 + `Retry-After`",
+        ge=0,
     )
 
     @field_validator("url_fetch_allow_cidrs")
@@ -87,3 +153,50 @@ class Settings(BaseSettings):
     @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
+
+
+def markdown_table() -> str:
+    """Every setting as `| variable | default | meaning |` rows, one table per group."""
+    out: list[str] = []
+    for group, title in GROUPS.items():
+        out += [f"### {title}", "", "| variable | default | meaning |", "|---|---|---|"]
+        for name, field in Settings.model_fields.items():
+            extra = field.json_schema_extra
+            if not isinstance(extra, dict) or extra.get("group") != group:
+                continue
+            default = "(unset)" if field.default is None else f"`{_shown(field.default)}`"
+            meaning = (field.description or "").replace("|", "\\|") + _bounds(field.metadata)
+            out.append(f"| `IMGSVC_{name.upper()}` | {default} | {meaning} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def _bounds(metadata: list[Any]) -> str:
+    signs = {"ge": "≥", "gt": ">", "le": "≤", "lt": "<"}
+    found = [
+        f"{sign} {getattr(m, n)}" for m in metadata for n, sign in signs.items() if hasattr(m, n)
+    ]
+    return f" ({', '.join(found)})" if found else ""
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if value == "":
+        return '""'
+    return str(value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m imgsvc.config", description=__doc__)
+    parser.add_argument("--markdown", action="store_true", help="print the settings table")
+    args = parser.parse_args(argv)
+    if not args.markdown:
+        parser.print_help()
+        return 2
+    sys.stdout.write(markdown_table())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
