@@ -1,6 +1,8 @@
 # GPU image: CUDA 12 + cuDNN 9 runtime for onnxruntime-gpu; PyTorch brings its own CUDA libraries.
-# gcc: on a host without a GPU, CPU upscaling builds its Winograd kernels for the host's CPU at
-# first use (kept in IMGSVC_KERNEL_CACHE on the data volume, one file per CPU kind).
+# gcc: CPU upscaling runs Winograd kernels built for the CPU they run on. `imgsvc kernels build`
+# builds them for the build host into IMGSVC_KERNEL_CACHE; a host with another CPU builds its
+# own there at first use (one file per CPU kind). Keys: `imgsvc keys create` (no key is made
+# automatically).
 FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive \
@@ -12,7 +14,7 @@ ENV DEBIAN_FRONTEND=noninteractive \
     IMGSVC_DEVICE=auto \
     IMGSVC_WEIGHTS_DIR=/app/weights \
     IMGSVC_DATABASE_URL=sqlite:////app/data/imgsvc.db \
-    IMGSVC_KERNEL_CACHE=/app/data/kernels
+    IMGSVC_KERNEL_CACHE=/opt/imgsvc/kernels
 
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv python3-dev gcc libgl1 libglib2.0-0 \
@@ -30,6 +32,7 @@ RUN pip install --no-cache-dir . \
     && pip uninstall -y onnxruntime \
     && pip install --no-cache-dir onnxruntime-gpu \
     && imgsvc weights pull \
+    && imgsvc kernels build \
     && python -c "import rembg"   # compile pymatting's numba kernels into the image
 
 EXPOSE 8000

@@ -21,10 +21,11 @@ weights: setup
 	$(PY) -m imgsvc weights pull
 
 serve: weights
-	$(PY) -m imgsvc serve
+	$(PY) -m imgsvc serve --dev-key
 
 lint: setup
 	$(VENV)/bin/ruff check imgsvc tests bench
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/ruff format --check imgsvc tests bench
 	$(VENV)/bin/mypy
 

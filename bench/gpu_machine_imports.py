@@ -1,10 +1,10 @@
-"""Run a bench script with only the imports the GPU machine offers (for `gpu_session.sh smoke`).
+"""Run a bench script with only the imports a bare GPU host offers (for `gpu_session.sh smoke`).
 
-The H200 lent through the device tool has torch, transformers, safetensors, opencv, numpy and
-Pillow but none of this project's other dependencies, and no registry; spandrel and diffusers
-travel as wheels. This refuses the packages that machine lacks unless they come from the
+The GPU host `gpu_session.sh run` is made for has torch, transformers, safetensors, opencv,
+numpy and Pillow but none of this project's other dependencies, and no registry; spandrel and
+diffusers travel as wheels. This refuses the packages such a host lacks unless they come from the
 carried wheels' folder (`--site`), so a smoke run here fails on the same missing import the
-GPU session would.
+GPU run would.
 
     python bench/gpu_machine_imports.py --site /tmp/site bench/upscale.py --gpu-smoke
 """
@@ -18,10 +18,10 @@ import sys
 from collections.abc import Sequence
 from types import ModuleType
 
-# In this project's environment (make setup) but not on the GPU machine (KINDS.md's package
-# list for nvidia-h200, 2026-11-17), by import name: the project's own dependencies and what
-# diffusers could reach for. (Dependencies of packages both have, such as huggingface_hub's
-# newer needs here, are not listed: there they come in the machine's own versions.)
+# In this project's environment (make setup) but not on the bare GPU host, by import name: the
+# project's own dependencies and what diffusers could reach for. (Dependencies of packages both
+# have, such as huggingface_hub's newer needs here, are not listed: there they come in the
+# machine's own versions.)
 ABSENT = frozenset(
     [
         "alembic",

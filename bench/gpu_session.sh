@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
-# The whole GPU measurement as one prepared session, for a machine that has CUDA but neither
-# network nor this project's installed environment (the H200 lent through the device tool:
-# Python 3.12 with torch, transformers, safetensors, opencv, numpy, Pillow; no spandrel, no
-# diffusers, no registry to fetch them from).
+# The whole GPU measurement as one prepared run, for a CUDA host that has neither network nor
+# this project's installed environment (e.g. Python 3.12 with torch, transformers, safetensors,
+# opencv, numpy and Pillow only; no spandrel, no diffusers, no registry to fetch them from).
 #
 #   bench/gpu_session.sh prepare   # here, with network: wheels into .whl/, checks weights
 #   bench/gpu_session.sh smoke     # here, on the CPU: the same Python code on tiny inputs,
@@ -14,7 +13,7 @@
 # CUDA, cuDNN), then `bench/upscale.py --gpu` (x4plus 512x512, fp16 and bf16: eager,
 # cudnn.benchmark, one CUDA graph, torch.compile) and `bench/inpaint.py --gpu` (SD 1.5
 # architecture with random weights, 512x512, 30 steps, fp16), each under its own time limit so
-# a slow part cannot take the others' results with it. About 6-8 minutes on an H200.
+# a slow part cannot take the others' results with it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -37,7 +36,7 @@ print(f"spandrel=={spandrel.__version__} diffusers=={diffusers.__version__}")') 
         exit 1
     }
     du -ch .whl weights/upscale | tail -1
-    echo 'device run: carry [".whl", "weights/upscale"], command "bash bench/gpu_session.sh run"'
+    echo 'on the GPU host, with .whl and weights/upscale copied over: bash bench/gpu_session.sh run'
 }
 
 smoke() {
@@ -72,7 +71,7 @@ print("spandrel", spandrel.__version__, "diffusers", diffusers.__version__, "tra
 case "${1:-}" in
 prepare | smoke | run) "$1" ;;
 *)
-    sed -n '2,17p' "$0"
+    sed -n '2,16p' "$0"
     exit 2
     ;;
 esac

@@ -27,6 +27,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Annotated
 
+import anyio.to_thread
 import httpx
 import uvicorn
 from fastapi import FastAPI, File, Response, UploadFile
@@ -34,13 +35,12 @@ from PIL import Image
 from sqlalchemy import create_engine, text
 from starlette.concurrency import run_in_threadpool
 
-from imgsvc import images
 from imgsvc.app import create_app
 from imgsvc.billing import keys, metering
 from imgsvc.billing.db import Database
 from imgsvc.billing.metering import UsageRecord
 from imgsvc.config import Settings
-from imgsvc.models.inpaint import masks
+from imgsvc.operations import inpaint
 
 PG_ADMIN = os.environ.get(
     "IMGSVC_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -62,28 +62,23 @@ FILES = {"image": ("i.png", IMAGE, "image/png"), "mask": ("m.png", MASK, "image/
 
 def bench_app(settings: Settings) -> FastAPI:
     """Our app plus a twin of the erase call that skips only the billing path (key lookup,
-    rate limit, hold, capture, usage row): same decoding, engine and worker thread."""
+    rate limit, hold, capture, usage row): the same prepare, admission and run, in the same
+    kind of worker thread."""
     app = create_app(settings)
-    limits = images.Limits(settings.max_upload_bytes, settings.max_input_pixels)
 
     @app.post("/bench/erase")
     async def unmetered(
         image: Annotated[UploadFile, File()], mask: Annotated[UploadFile, File()]
     ) -> Response:
-        # The steps of POST /v1/inpaint (erase) in the same threads, minus metered_call.
-        registry = app.state.registry
-        img = await run_in_threadpool(images.decode, await image.read(), limits)
-        decoded = await run_in_threadpool(images.decode_mask, await mask.read(), limits, img.size)
-        hole = masks.from_image(decoded)
-        alpha = await run_in_threadpool(masks.blend_mask, hole, grow_px=0, blur_px=0)
-        eraser = await run_in_threadpool(registry.eraser, None)
-        plan = eraser.plan(alpha)
+        ctx = app.state.context
+        inputs = inpaint.InpaintInputs(await image.read(), await mask.read())
+        prepared = await run_in_threadpool(inpaint.prepare, inpaint.InpaintOptions(), inputs, ctx)
 
         def work() -> bytes:
-            return images.encode(eraser.erase(img, plan), "png")
+            with ctx.registry.admission.admit("inpaint") as ticket, ticket.running():
+                return prepared.run().body
 
-        with registry.inpaint_queue.admit():
-            body = await registry.run("inpaint", work)
+        body = await anyio.to_thread.run_sync(work, limiter=app.state.call_threads)
         return Response(body, media_type="image/png")
 
     return app

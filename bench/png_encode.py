@@ -23,8 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.remove_background import WEIGHTS, photos
 from imgsvc import images
-from imgsvc.cutout.pipeline import RemovalOptions, remove_background
 from imgsvc.models.background.remover import BackgroundRemover
+from imgsvc.operations.cutout.pipeline import remove_background
+from imgsvc.operations.cutout.spec import CutoutSpec
 from imgsvc.png_stream import DEFLATE_BACKEND
 
 
@@ -61,7 +62,7 @@ def main() -> int:
     cutouts = []
     for data in photos(1024, 20):
         body = remove_background(
-            engine, Image.open(io.BytesIO(data)).convert("RGB"), RemovalOptions()
+            engine, Image.open(io.BytesIO(data)).convert("RGB"), CutoutSpec()
         ).body
         cutouts.append(Image.open(io.BytesIO(body)).convert("RGBA"))
     ours, ours_size = measure(lambda img: images.encode(img, "png"), cutouts)

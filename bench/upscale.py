@@ -2,7 +2,7 @@
 
 CPU (default): the same 128x128 crop of a real photo, the same thread count, the contenders
 called in turns (interleaved rounds, at least N and at least 10 s), medians of each, for
-  - torch plain: the spandrel model as loaded, fp32, contiguous (the PERF-NOTES baseline),
+  - torch plain: the spandrel model as loaded, fp32, contiguous (the plain baseline),
   - ours direct: `Upscaler.stream` with oneDNN's direct fp32 convolutions (no bf16, no Winograd),
   - ours: `Upscaler.stream` as the service runs it (channels_last, inference mode, tiling; on
     CPUs with native bf16 bf16 / mixed bf16, elsewhere fp32 with Winograd F(6,3) convolutions),
@@ -10,10 +10,10 @@ called in turns (interleaved rounds, at least N and at least 10 s), medians of e
 GPU (`--gpu`, needs CUDA): x4plus on a 512x512 input in fp16 and bf16, megapixels per second
 and the share of the H200's ~790 dense fp16/bf16 TFLOP/s this reaches (35.9 MFLOP per px), for
 the service's eager path, eager with cudnn.benchmark, one CUDA graph and torch.compile.
-`--gpu-smoke` runs that code on the CPU on a tiny input (checks the script before a GPU session;
+`--gpu-smoke` runs that code on the CPU on a tiny input (checks the script before a GPU run;
 `bench/gpu_session.sh` is the whole prepared session).
 
-    python bench/upscale.py            # full CPU run (about 8 minutes on 2 cores)
+    python bench/upscale.py            # full CPU run (minutes on 2 cores)
     python bench/upscale.py --models realesr-animevideov3   # one model
     python bench/upscale.py --quick    # smoke run, a few seconds
     python bench/upscale.py --gpu      # GPU section

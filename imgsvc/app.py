@@ -6,28 +6,31 @@ import asyncio
 import logging
 import re
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import timedelta
 
-from fastapi import FastAPI, Request, Response
+from anyio import CapacityLimiter
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from imgsvc import __version__
 from imgsvc.billing import idempotency, metering
+from imgsvc.billing.charge import Meter
 from imgsvc.billing.db import Database
 from imgsvc.billing.keys import KeyCache
-from imgsvc.billing.pricing import load_prices
 from imgsvc.billing.ratelimit import RateLimiter
 from imgsvc.config import Settings
 from imgsvc.errors import ServiceError
 from imgsvc.models.background.remover import require_onnx_cuda
-from imgsvc.models.device import select_device
-from imgsvc.models.registry import Registry
-from imgsvc.models.upscale.cpu import build as winograd_build
+from imgsvc.models.upscale.cpu import build as kernels
+from imgsvc.operations.context import Context
 from imgsvc.routes import (
     account,
     admin,
@@ -39,9 +42,11 @@ from imgsvc.routes import (
     removebg_compat,
     upscale,
 )
+from imgsvc.routes.errors import error_headers, error_status, validation_message
 
 log = logging.getLogger("imgsvc")
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+CALL_THREADS = 64
 _HTTP_CODES = {
     404: "not_found",
     405: "method_not_allowed",
@@ -54,25 +59,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the application. Raises DeviceUnavailable if IMGSVC_DEVICE=cuda has no GPU."""
     settings = settings or Settings()
     if settings.kernel_cache is not None:
-        winograd_build.use_cache_dir(settings.kernel_cache)
-    device = select_device(settings.device)
+        kernels.use_cache_dir(settings.kernel_cache)
+    context = Context.from_settings(settings)
     if settings.device == "cuda":
         require_onnx_cuda()  # background removal would otherwise run on the CPU unnoticed
-    registry = Registry(
-        settings.weights_dir,
-        device,
-        requested_device=settings.device,
-        upscale_tile=settings.upscale_tile,
-        upscale_compile=settings.torch_compile,
-        upscale_cpu_bf16=settings.upscale_cpu_bf16,
-        upscale_cpu_winograd=settings.upscale_cpu_winograd,
-        concurrency={
-            "remove-background": settings.concurrency_remove_background,
-            "upscale": settings.concurrency_upscale,
-            "inpaint": settings.concurrency_inpaint,
-        },
-        inpaint_queue_depth=settings.inpaint_queue_depth,
-    )
+    registry = context.registry
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -80,6 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await run_in_threadpool(db.migrate)
         app.state.db = db
         app.state.key_cache = KeyCache(db, settings.key_cache_seconds)
+        app.state.meter = Meter(db, hold_ttl=timedelta(seconds=settings.hold_ttl_seconds))
         if settings.device == "cuda":
             # Asked for the GPU: create the CUDA sessions before serving, so a provider whose
             # libraries fail to load stops the start instead of running on the CPU unnoticed.
@@ -94,6 +86,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             for task in tasks:
                 task.cancel()
+            app.state.meter.close()
             db.dispose()
 
     app = FastAPI(
@@ -103,15 +96,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
-    app.state.prices = load_prices(settings.prices_file)
+    app.state.context = context
+    app.state.prices = context.prices
     app.state.rate_limiter = RateLimiter(settings.default_rate_limit, settings.redis_url)
     app.state.registry = registry
+    # Threads for charged calls, apart from the default pool the database calls use: a call
+    # waiting for its device slot must never keep another request from authenticating.
+    app.state.call_threads = CapacityLimiter(CALL_THREADS)
     app.state.models_ready = False
     app.state.load_error = None
     for module in (remove_background, upscale, inpaint, quote, account, keys, admin, health):
         app.include_router(module.router)
     app.include_router(removebg_compat.router)
-    _install_request_id(app)
+    app.add_middleware(RequestIds)
     _install_error_handlers(app)
     return app
 
@@ -140,19 +137,35 @@ async def _preload(app: FastAPI) -> None:
         log.exception("model loading failed")
 
 
-def _install_request_id(app: FastAPI) -> None:
-    @app.middleware("http")
-    async def request_id(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        incoming = request.headers.get("x-request-id", "")
+class RequestIds:
+    """Pure ASGI middleware: every request gets an id (the caller's X-Request-Id when it is safe
+    to echo), stored in `request.state.request_id` and sent back in `X-Request-Id`, with the
+    headers a route left in `request.state.extra_headers` (rate limits, on errors too).
+
+    Pure ASGI rather than `@app.middleware("http")`, so the route sees the server's own
+    `receive` and notices a client that hangs up (a charged call then releases its hold)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = Headers(scope=scope).get("x-request-id", "")
         rid = incoming if _SAFE_REQUEST_ID.match(incoming) else f"req_{secrets.token_hex(12)}"
-        request.state.request_id = rid
-        response = await call_next(request)
-        response.headers["X-Request-Id"] = rid
-        for name, value in getattr(request.state, "extra_headers", {}).items():
-            response.headers.setdefault(name, value)
-        return response
+        state = scope.setdefault("state", {})
+        state["request_id"] = rid
+
+        async def send_with_ids(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                headers["X-Request-Id"] = rid
+                for name, value in state.get("extra_headers", {}).items():
+                    headers.setdefault(name, value)
+            await send(message)
+
+        await self.app(scope, receive, send_with_ids)
 
 
 def _error(request: Request, status: int, code: str, message: str, **extra: object) -> JSONResponse:
@@ -164,19 +177,16 @@ def _error(request: Request, status: int, code: str, message: str, **extra: obje
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        response = _error(request, exc.status, exc.code, exc.message, **exc.extra)
-        response.headers.update(exc.headers)
-        if exc.status >= 500:
-            log.warning("%s %s: %s", exc.status, exc.code, exc.message)
+        status = error_status(exc)
+        response = _error(request, status, exc.code, exc.message, **exc.extra)
+        response.headers.update(error_headers(exc))
+        if status >= 500:
+            log.warning("%s %s: %s", status, exc.code, exc.message)
         return response
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        parts = []
-        for err in exc.errors():
-            where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "query"))
-            parts.append(f"{where}: {err.get('msg', 'invalid')}")
-        return _error(request, 422, "invalid_request", "; ".join(parts) or "invalid request")
+        return _error(request, 422, "invalid_request", validation_message(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

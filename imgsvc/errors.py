@@ -1,88 +1,91 @@
-"""Domain errors with a stable machine-readable code and an HTTP status.
+"""Domain errors with a stable machine-readable code; no HTTP here.
 
-Engines and billing raise these; `app.py` turns them into the JSON error body of DESIGN.md.
-Messages say what to fix and never contain secrets or internal tracebacks.
+Engines, operations and billing raise these; `imgsvc/routes/errors.py` maps each class to its
+HTTP status and headers and `app.py` writes the JSON error body
+`{"error": {"code", "message", "request_id"}}`. Messages say what to fix and never contain
+secrets or internal tracebacks.
 """
 
 from __future__ import annotations
 
 
 class ServiceError(Exception):
-    """Base class: `code` is snake_case and stable, `status` the HTTP status to answer with."""
+    """Base class: `code` is snake_case and stable.
+
+    `retry_after_s`: when the same call may succeed again (queue full, rate limit, in progress);
+    `extra`: more fields of the JSON error object (e.g. credits_required).
+    """
 
     code = "internal_error"
-    status = 500
 
     def __init__(
         self,
         message: str,
         *,
-        headers: dict[str, str] | None = None,
+        retry_after_s: int | None = None,
         extra: dict[str, object] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
-        self.headers = headers or {}
-        self.extra = extra or {}  # more fields of the JSON error object
+        self.retry_after_s = retry_after_s
+        self.extra = extra or {}
 
 
 class InvalidInput(ServiceError):
+    """An option or input the operation cannot work with (what to change is in the message)."""
+
     code = "invalid_input"
-    status = 422
 
 
 class InvalidImage(ServiceError):
     code = "invalid_image"
-    status = 422
 
 
 class UnsupportedMediaType(ServiceError):
     code = "unsupported_media_type"
-    status = 415
 
 
 class PayloadTooLarge(ServiceError):
     code = "payload_too_large"
-    status = 413
 
 
 class ModelUnavailable(ServiceError):
     """The requested model's weights are not installed; the message names the file(s) to add."""
 
     code = "model_unavailable"
-    status = 503
 
 
 class UnknownModel(ServiceError):
     code = "unknown_model"
-    status = 422
 
 
 class Unauthorized(ServiceError):
     code = "unauthorized"
-    status = 401
 
 
 class Forbidden(ServiceError):
     code = "forbidden"
-    status = 403
 
 
 class Conflict(ServiceError):
     code = "conflict"
-    status = 409
-
-
-class RateLimited(ServiceError):
-    code = "rate_limited"
-    status = 429
 
 
 class InsufficientCredits(ServiceError):
     code = "insufficient_credits"
-    status = 402
 
 
 class NotFound(ServiceError):
     code = "not_found"
-    status = 404
+
+
+class Busy(ServiceError):
+    """Too many calls are waiting for the device; retry after `retry_after_s`."""
+
+    code = "queue_full"
+
+
+class ConfigurationError(ServiceError):
+    """The service's own configuration is unusable (an operator error, not the caller's)."""
+
+    code = "configuration_error"

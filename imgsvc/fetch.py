@@ -34,14 +34,12 @@ class UrlNotAllowed(ServiceError):
     """The URL's scheme or address is refused (SSRF guard)."""
 
     code = "url_not_allowed"
-    status = 422
 
 
 class UrlFetchFailed(ServiceError):
     """The URL was allowed but did not give an image (network error, HTTP error, timeout)."""
 
     code = "url_fetch_failed"
-    status = 422
 
 
 @dataclass(frozen=True)

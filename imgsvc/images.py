@@ -102,8 +102,8 @@ def encode(
     """
     profile = SRGB_ICC if srgb_profile else None
     if fmt == "png" and img.mode in _FAST_PNG_MODES:
-        # Deflate level 1 (ISA-L where installed): ~7x faster than Pillow's compress_level=1
-        # for the same size, and Pillow's default level 6 is 4x slower again (PERF-NOTES).
+        # Deflate level 1, ISA-L where installed: much faster than Pillow's encoder for the
+        # same size (bench/png_encode.py, BENCHMARKS.md).
         return encode_png(np.asarray(img), icc_profile=profile)
     buf = io.BytesIO()
     icc = {"icc_profile": profile} if profile else {}

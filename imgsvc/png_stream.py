@@ -1,9 +1,9 @@
 """PNG encoding: rows fed one band at a time, so a huge image never has to exist uncompressed.
 
 Rows use PNG's "Up" filter (difference to the row above, computed with numpy) and deflate at
-level 1 through ISA-L (`isal`) where its wheel is installed, else zlib. Measured on 1024 px RGBA
-cut-outs: ~5.5 ms per image against Pillow's 38 ms at `compress_level=1`, for the same size
-(`python bench/png_encode.py`). `encode_png` is the whole-image form used by `images.encode`.
+level 1 through ISA-L (`isal`) where its wheel is installed, else zlib: several times faster
+than Pillow's encoder for the same size (`python bench/png_encode.py`, results in
+BENCHMARKS.md). `encode_png` is the whole-image form used by `images.encode`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import BinaryIO
 import numpy as np
 
 _deflate: types.ModuleType
-try:  # ISA-L's deflate: the same zlib stream format, ~7x faster at level 1
+try:  # ISA-L's deflate: the same zlib stream format, faster at level 1
     from isal import isal_zlib as _deflate
 except ImportError:  # pragma: no cover - platforms without an isal wheel
     _deflate = zlib

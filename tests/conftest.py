@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -125,11 +126,33 @@ class _ImageOrigin(BaseHTTPRequestHandler):
         return
 
 
+class _CountingServer(ThreadingHTTPServer):
+    """Counts every TCP connection it accepts."""
+
+    connections = 0
+
+    def get_request(self) -> tuple[socket.socket, object]:
+        conn = super().get_request()
+        type(self).connections += 1
+        return conn
+
+
 @pytest.fixture(scope="session")
-def origin() -> Iterator[str]:
-    """A local image server: /car.jpg, /big, /loop, /to/<url> (302 to <url>)."""
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _ImageOrigin)
+def _origin_server() -> Iterator[_CountingServer]:
+    httpd = _CountingServer(("127.0.0.1", 0), _ImageOrigin)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    yield httpd
     httpd.shutdown()
+
+
+@pytest.fixture(scope="session")
+def origin(_origin_server: _CountingServer) -> str:
+    """A local image server: /car.jpg, /big, /loop, /to/<url> (302 to <url>)."""
+    return f"http://127.0.0.1:{_origin_server.server_address[1]}"
+
+
+@pytest.fixture
+def origin_connections(_origin_server: _CountingServer) -> Callable[[], int]:
+    """How many connections the local image server has accepted so far."""
+    return lambda: _CountingServer.connections

@@ -14,6 +14,7 @@ from imgsvc.billing.db import Database
 from imgsvc.billing.metering import MonthlyCapReached, UsageRecord
 from imgsvc.billing.schema import Account, ApiKey, Hold, LedgerEntry, utcnow
 from imgsvc.errors import Forbidden, InsufficientCredits, InvalidInput, Unauthorized
+from imgsvc.routes.errors import error_headers
 
 TTL = timedelta(minutes=2)
 
@@ -101,7 +102,7 @@ def test_hold_capture_release_keep_ledger_exact(db: Database) -> None:
     assert not metering.release(db, hold_id=h2)  # a second release does nothing
     with pytest.raises(InsufficientCredits) as refused:
         metering.reserve(db, key=info, credits=8, request_id="r3", ttl=TTL)
-    assert refused.value.headers == {"X-Credits-Required": "8", "X-Credits-Remaining": "7"}
+    assert error_headers(refused.value) == {"X-Credits-Required": "8", "X-Credits-Remaining": "7"}
     assert refused.value.extra == {"credits_required": 8, "credits_remaining": 7}
     assert keys.get_key(db, info.id).credits == 7
     assert metering.ledger_mismatches(db) == []

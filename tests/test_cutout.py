@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgsvc.cutout import options as opt
-from imgsvc.cutout.layout import Layout, place
-from imgsvc.cutout.pipeline import RemovalOptions, remove_background
-from imgsvc.cutout.presets import PRESETS, Preset, check
 from imgsvc.errors import InvalidInput
-from imgsvc.models.background.remover import BackgroundRemover, CutoutOptions
+from imgsvc.models.background.remover import BackgroundRemover
+from imgsvc.operations.cutout import options as opt
+from imgsvc.operations.cutout.layout import place
+from imgsvc.operations.cutout.pipeline import remove_background
+from imgsvc.operations.cutout.presets import PRESETS, Preset, check
+from imgsvc.operations.cutout.spec import CutoutSpec
 from tests.utils import DATA
 
 
@@ -63,7 +64,7 @@ def test_alpha_matches_rembg(engine: BackgroundRemover, rembg_session: object, n
 
     photo = real_photos()[name]
     expected = np.asarray(remove(photo, session=rembg_session, only_mask=True))
-    result = remove_background(engine, photo, RemovalOptions())
+    result = remove_background(engine, photo, CutoutSpec())
     ours = np.asarray(Image.open(io.BytesIO(result.body)).getchannel("A"))
     assert ours.shape == expected.shape
     assert _iou(ours, expected) >= 0.99
@@ -73,7 +74,7 @@ def test_alpha_matches_rembg(engine: BackgroundRemover, rembg_session: object, n
 def test_cutout_keeps_visible_colours_and_clears_the_rest(engine: BackgroundRemover) -> None:
     photo = real_photos()["car"]
     before = np.asarray(photo).copy()
-    result = remove_background(engine, photo, RemovalOptions())
+    result = remove_background(engine, photo, CutoutSpec())
     out = np.asarray(Image.open(io.BytesIO(result.body)))
     visible = out[..., 3] > 0
     assert 0 < visible.mean() < 1
@@ -99,22 +100,22 @@ def test_post_process_and_decontaminate_follow_rembg(
     )
     assert np.array_equal(np.asarray(engine.mask(photo, post_process=True)), expected)
     mask = engine.mask(photo)
-    plain = np.asarray(engine.cutout(photo, mask, CutoutOptions()))
-    clean = np.asarray(engine.cutout(photo, mask, CutoutOptions(decontaminate=True)))
+    plain = np.asarray(engine.cutout(photo, mask))
+    clean = np.asarray(engine.cutout(photo, mask, decontaminate=True))
     soft = (plain[..., 3] > 10) & (plain[..., 3] < 245)
     assert np.array_equal(plain[..., 3], clean[..., 3])  # same matte…
     assert np.abs(plain[soft, :3].astype(int) - clean[soft, :3]).mean() > 1  # …new edge colours
 
 
 def test_empty_mask_is_flagged(engine: BackgroundRemover) -> None:
-    result = remove_background(engine, Image.new("RGB", (120, 90), "white"), RemovalOptions())
+    result = remove_background(engine, Image.new("RGB", (120, 90), "white"), CutoutSpec())
     assert result.warning is not None and result.warning.startswith("empty_mask")
     assert result.coverage < 0.005
 
 
 def test_roi_limits_the_subject(engine: BackgroundRemover) -> None:
     photo = real_photos()["car"]
-    result = remove_background(engine, photo, RemovalOptions(roi=(0, 0, 240, 360)))
+    result = remove_background(engine, photo, CutoutSpec(roi=(0, 0, 240, 360)))
     alpha = np.asarray(Image.open(io.BytesIO(result.body)).getchannel("A"))
     assert alpha[:, 240:].max() == 0 and alpha[:, :240].max() > 200
 
@@ -151,23 +152,24 @@ def _subject(size: tuple[int, int], box: tuple[int, int, int, int]) -> Image.Ima
 
 def test_layout_crop_scale_position() -> None:
     cut = _subject((200, 100), (50, 20, 90, 60))  # a 40x40 subject
-    cropped = place(cut, Layout(True, opt.parse_margin("10px"), None, None))
+    cropped = place(cut, CutoutSpec(crop=True, margin=opt.parse_margin("10px")))
     assert cropped.image.size == (60, 60) and cropped.subject_box == (10, 10, 50, 50)
-    scaled = place(cut, Layout(False, opt.NO_MARGIN, 0.5, None))
+    scaled = place(cut, CutoutSpec(scale=0.5))
     assert scaled.subject_box == (75, 25, 125, 75)  # 50 % of the 100 px height, centred
-    corner = place(cut, Layout(False, opt.NO_MARGIN, None, (1.0, 1.0)))
+    corner = place(cut, CutoutSpec(position=(1.0, 1.0)))
     assert corner.subject_box == (160, 60, 200, 100)
 
 
-def _preset_options(preset: Preset, **changes: object) -> RemovalOptions:
-    layout = Layout(False, opt.NO_MARGIN, preset.fill, (0.5, 0.5), preset.canvas)
+def _preset_options(preset: Preset, **changes: object) -> CutoutSpec:
     base = {
-        "layout": layout,
+        "scale": preset.fill,
+        "position": (0.5, 0.5),
+        "canvas": preset.canvas,
         "bg_color": preset.background,
         "format": preset.format,
         "preset": preset,
     }
-    return RemovalOptions(**{**base, **changes})  # type: ignore[arg-type]
+    return CutoutSpec(**{**base, **changes})  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -182,8 +184,8 @@ def test_presets_pass_their_own_check(engine: BackgroundRemover, name: str) -> N
 def test_bad_layouts_fail_the_check(engine: BackgroundRemover) -> None:
     amazon = PRESETS["amazon"]
     photo = real_photos()["car"]
-    small = Layout(False, opt.NO_MARGIN, 0.5, (0.0, 0.0), amazon.canvas)
-    result = remove_background(engine, photo, _preset_options(amazon, layout=small))
+    small = {"scale": 0.5, "position": (0.0, 0.0)}
+    result = remove_background(engine, photo, _preset_options(amazon, **small))
     assert result.compliance is not None
     assert "fill_0.50_below_0.85" in result.compliance and "not_centred" in result.compliance
     grey = remove_background(engine, photo, _preset_options(amazon, bg_color=(240, 240, 240, 255)))
@@ -205,17 +207,17 @@ def test_check_reads_the_file_it_judges() -> None:
 
 def test_zip_and_alpha_channel(engine: BackgroundRemover) -> None:
     photo = real_photos()["car"]
-    result = remove_background(engine, photo, RemovalOptions(format="zip"))
+    result = remove_background(engine, photo, CutoutSpec(format="zip"))
     with zipfile.ZipFile(io.BytesIO(result.body)) as zf:
         assert sorted(zf.namelist()) == ["alpha.png", "color.jpg"]
         alpha = Image.open(io.BytesIO(zf.read("alpha.png")))
         assert alpha.mode == "L" and alpha.size == photo.size
-    matte = remove_background(engine, photo, RemovalOptions(channels="alpha"))
+    matte = remove_background(engine, photo, CutoutSpec(channels="alpha"))
     assert Image.open(io.BytesIO(matte.body)).mode == "L"
 
 
 def test_preview_is_at_most_a_quarter_megapixel(engine: BackgroundRemover) -> None:
     photo = skimage_photo("astronaut")  # 512x512
-    result = remove_background(engine, photo, RemovalOptions(size="preview"))
+    result = remove_background(engine, photo, CutoutSpec(size="preview"))
     w, h = result.size
     assert w * h <= 250_000 and abs(w - h) <= 1

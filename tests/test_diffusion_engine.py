@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -113,9 +115,9 @@ def test_concurrent_calls_are_serialised(engine: DiffusionInpaintEngine) -> None
 def test_validation_never_touches_the_pipelines_tokenizer(
     engine: DiffusionInpaintEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The route validates prompts on the event loop while another request's pipeline call may
-    be tokenizing in a worker thread; a fast tokenizer keeps per-call truncation/padding state,
-    so sharing it mixed requests up under load (seen as a 500). Validation has its own copy."""
+    """Validation may run while another call's pipeline is tokenizing in a worker thread; a fast
+    tokenizer keeps per-call truncation/padding state, so sharing it mixed requests up under
+    load (seen as a 500). Validation uses its own copies."""
     pipeline_tokenizer = engine._pipe.tokenizer
     calls: list[str] = []
     original = type(pipeline_tokenizer).__call__
@@ -131,6 +133,50 @@ def test_validation_never_touches_the_pipelines_tokenizer(
     image, plan = _image(), engine.plan(_mask())
     engine.inpaint(image, plan, seed=1, **INPAINT_ARGS)
     assert calls  # the spy does see the pipeline's own use
+
+
+def test_no_tokenizer_serves_two_threads_at_once(
+    engine: DiffusionInpaintEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Calls are prepared (validated) in worker threads while other calls validate or run the
+    pipeline: a tokenizer object in use by one thread must never be entered by another."""
+    tokenizer_type = type(engine._pipe.tokenizer)
+    original = tokenizer_type.__call__
+    active: dict[int, int] = {}  # id(tokenizer) -> thread using it now
+    overlaps: list[str] = []
+    guard = threading.Lock()
+
+    def spy(self: object, *args: object, **kwargs: object) -> object:
+        me = threading.get_ident()
+        with guard:
+            if active.get(id(self), me) != me:
+                overlaps.append(f"tokenizer {id(self)} entered by two threads")
+            active[id(self)] = me
+        time.sleep(0.05)  # widen the window in which another thread could enter
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            with guard:
+                active.pop(id(self), None)
+
+    monkeypatch.setattr(tokenizer_type, "__call__", spy)
+    start = threading.Barrier(4)
+    image, plan = _image(), engine.plan(_mask())
+
+    def validate(prompt: str) -> None:
+        start.wait()
+        engine.check(prompt=prompt, negative_prompt="blurry", steps=2, strength=1.0)
+
+    def run() -> None:
+        start.wait()
+        engine.inpaint(image, plan, seed=1, **INPAINT_ARGS)
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        futures = [pool.submit(validate, p) for p in ("a red box", "a cat", "a tree")]
+        futures.append(pool.submit(run))
+        for future in futures:
+            future.result()
+    assert overlaps == []
 
 
 def test_every_scheduler_runs_and_is_deterministic(engine: DiffusionInpaintEngine) -> None:

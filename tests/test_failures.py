@@ -16,15 +16,29 @@ from imgsvc.billing.schema import LedgerEntry
 from imgsvc.config import Settings
 
 
+class EngineCrash(RuntimeError):
+    pass
+
+
 class ExplodingUpscaler:
+    """An upscaler whose model call fails, whichever path (streamed PNG or not) runs it."""
+
     name = "exploding"
     scale = 4
 
+    def native_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        return size[0] * self.scale, size[1] * self.scale
+
+    def stream(self, img: Image.Image, sink: object) -> None:
+        raise EngineCrash("CUDA error: device-side assert (secret path /srv/x)")
+
     def upscale(self, img: Image.Image, size: tuple[int, int]) -> Image.Image:
-        raise RuntimeError("CUDA error: device-side assert (secret path /srv/x)")
+        raise EngineCrash("CUDA error: device-side assert (secret path /srv/x)")
 
 
-def test_engine_failure_releases_credits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_engine_failure_releases_credits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     settings = Settings(
         database_url=f"sqlite:///{tmp_path / 'db.sqlite'}",
         weights_dir=tmp_path / "weights",
@@ -44,6 +58,8 @@ def test_engine_failure_releases_credits(tmp_path: Path, monkeypatch: pytest.Mon
             headers={"X-API-Key": secret},
         )
         assert resp.status_code == 500
+        crashes = [r for r in caplog.records if r.exc_info and r.exc_info[0] is EngineCrash]
+        assert crashes, "the 500 must come from the engine's failure, not from the test double"
         error = resp.json()["error"]
         assert error["code"] == "internal_error"
         assert "secret" not in error["message"] and "CUDA" not in error["message"]

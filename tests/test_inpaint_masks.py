@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgsvc.errors import InvalidInput
-from imgsvc.models.admission import DeviceQueue, QueueFull
+from imgsvc.errors import Busy, InvalidInput
+from imgsvc.models.admission import Admission
 from imgsvc.models.inpaint import masks, region
 from imgsvc.models.inpaint.erase import OpenCVEraser
+from imgsvc.routes.errors import error_headers, error_status
 
 
 def _noise(size: tuple[int, int], seed: int = 0) -> Image.Image:
@@ -138,13 +139,13 @@ def test_opencv_erase_on_large_image(name: str) -> None:
 
 
 def test_queue_admits_depth_plus_one() -> None:
-    queue = DeviceQueue(1, initial_estimate_s=2.0)
-    with queue.admit(), queue.admit():
-        assert queue.admitted == 2
-        with pytest.raises(QueueFull) as caught, queue.admit():
+    queue = Admission({"inpaint": 1}, {"inpaint": 1}, exclusive=False)
+    with queue.admit("inpaint"), queue.admit("inpaint"):
+        assert queue.admitted("inpaint") == 2
+        with pytest.raises(Busy) as caught, queue.admit("inpaint"):
             pass
-        assert caught.value.status == 503
-        assert int(caught.value.headers["Retry-After"]) >= 2
-    assert queue.admitted == 0
-    with queue.admit():  # free again
-        assert queue.admitted == 1
+        assert error_status(caught.value) == 503
+        assert int(error_headers(caught.value)["Retry-After"]) >= 2
+    assert queue.admitted("inpaint") == 0
+    with queue.admit("inpaint"):  # free again
+        assert queue.admitted("inpaint") == 1

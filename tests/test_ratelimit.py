@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 import time
 from pathlib import Path
@@ -10,10 +11,11 @@ import pytest
 
 from imgsvc.billing import keys
 from imgsvc.billing.db import Database
-from imgsvc.billing.ratelimit import RateLimiter
-from imgsvc.errors import RateLimited, Unauthorized
+from imgsvc.billing.ratelimit import RateLimited, RateLimiter
+from imgsvc.errors import Unauthorized
+from imgsvc.routes.errors import error_headers
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
+REDIS_URL = os.environ.get("IMGSVC_TEST_REDIS", "redis://127.0.0.1:6379/0")
 
 
 def test_memory_limit_counts_per_key() -> None:
@@ -22,8 +24,9 @@ def test_memory_limit_counts_per_key() -> None:
     assert limiter.check(1, None).remaining == 0
     with pytest.raises(RateLimited) as refused:
         limiter.check(1, None)
-    assert refused.value.headers["RateLimit-Policy"] == '"default";q=2;w=60'
-    assert 1 <= int(refused.value.headers["Retry-After"]) <= 60
+    headers = error_headers(refused.value)
+    assert headers["RateLimit-Policy"] == '"default";q=2;w=60'
+    assert 1 <= int(headers["Retry-After"]) <= 60
     assert limiter.check(2, None).remaining == 1  # another key is unaffected
     assert limiter.check(1, "5/minute").limit == 5  # a key's own limit is a separate budget
 

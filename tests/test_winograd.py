@@ -1,13 +1,17 @@
 """Winograd F(6,3) convolutions: against torch's direct convolution, on every shape and
-activation it takes, inside real models, and in the service's upscaler (plus its fallbacks)."""
+activation it takes, inside real models, and in the service's upscaler (plus its fallbacks: no
+compiler, buffers the C code must not see, a C function that fails)."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -45,7 +49,7 @@ def test_kernels_build_where_there_is_a_compiler() -> None:
 
 
 def close(out: torch.Tensor, ref: torch.Tensor) -> None:
-    """fp32 agreement: F(6,3) rounds differently from a direct sum, by ~1e-6 of the scale."""
+    """fp32 agreement: F(6,3) rounds differently from a direct sum, by a few ulps of the scale."""
     assert out.shape == ref.shape
     scale = float(ref.abs().max()) or 1.0
     error = float((out - ref).abs().max()) / scale
@@ -233,6 +237,188 @@ def test_compact_prelus_fuse_in_its_body() -> None:
     assert not winograd.fuse_compact_tail(nn.Sequential(nn.Conv2d(3, 3, 1)))
 
 
+COMPUTING = ("wino_input", "wino_output", "wino_conv", "shuffle_add")
+
+
+class FakeLibrary:
+    """The loaded kernels with every call recorded, and the functions in `failing` returning
+    -1 instead of running."""
+
+    def __init__(self, *failing: str) -> None:
+        self.real = winograd_build.library()
+        self.failing = set(failing)
+        self.calls: list[str] = []
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        function = getattr(self.real, name)
+
+        def call(*args: Any) -> Any:
+            self.calls.append(name)
+            return -1 if name in self.failing else function(*args)
+
+        return call
+
+
+@pytest.fixture
+def kernels(monkeypatch: pytest.MonkeyPatch) -> FakeLibrary:
+    """The kernels as a FakeLibrary (nothing failing yet); no failure logged so far."""
+    fake = FakeLibrary()
+    monkeypatch.setattr(winograd_build, "library", lambda: fake)
+    monkeypatch.setattr(winograd, "_warned", set())
+    return fake
+
+
+def warnings_about(caplog: pytest.LogCaptureFixture, function: str) -> int:
+    return sum(function in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+
+
+@pytest.mark.parametrize(
+    ("failing", "fused"), [("wino_conv", True), ("wino_input", False), ("wino_output", False)]
+)
+def test_a_failing_kernel_runs_the_torch_modules_and_says_so_once(
+    kernels: FakeLibrary,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    failing: str,
+    fused: bool,
+) -> None:
+    monkeypatch.setattr(winograd, "FUSED", fused)
+    kernels.failing = {failing}
+    conv, act = nn.Conv2d(16, 32, 3, padding=1), nn.PReLU(32, 0.2)
+    module = winograd.WinogradConv2d(conv, act)
+    x = torch.randn(1, 16, 20, 30)
+    with torch.inference_mode(), caplog.at_level(logging.WARNING):
+        for _ in range(2):
+            assert torch.equal(module(x), act(conv(x)))
+    assert failing in kernels.calls
+    assert warnings_about(caplog, failing) == 1  # once per process and kind of failure
+
+
+def test_each_kind_of_failure_is_said_once(
+    kernels: FakeLibrary, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(winograd, "FUSED", False)
+    conv = nn.Conv2d(16, 16, 3, padding=1)
+    module = winograd.WinogradConv2d(conv)
+    x = torch.randn(1, 16, 8, 8)
+    with torch.inference_mode(), caplog.at_level(logging.WARNING):
+        for failing in ("wino_input", "wino_output", "wino_input", "wino_output"):
+            kernels.failing = {failing}
+            assert torch.equal(module(x), conv(x))
+    assert [warnings_about(caplog, f) for f in ("wino_input", "wino_output")] == [1, 1]
+
+
+def test_a_failing_kernel_in_a_dense_block_runs_the_original_block(
+    kernels: FakeLibrary, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A failure after some of its five convolutions ran: the whole block runs in torch."""
+    from spandrel.architectures.ESRGAN import ESRGAN
+
+    torch.manual_seed(4)
+    model = ESRGAN(in_nc=3, out_nc=3, num_filters=16, num_blocks=1, scale=2).eval()
+    winograd.convert(model)
+    block = next(m for m in model.modules() if isinstance(m, winograd.WinogradDenseBlock))
+    x = torch.rand(1, 16, 13, 17)
+    kernels.failing = {"wino_output"}
+    with torch.inference_mode(), caplog.at_level(logging.WARNING):
+        assert torch.equal(block(x), block.block(x))
+    assert kernels.calls[:2] == ["wino_input", "wino_output"]
+    assert warnings_about(caplog, "wino_output") == 1
+
+
+def test_a_failing_compact_tail_runs_the_original_forward(
+    kernels: FakeLibrary, caplog: pytest.LogCaptureFixture
+) -> None:
+    from spandrel.architectures.Compact import Compact
+
+    torch.manual_seed(5)
+    model = Compact(num_in_ch=3, num_out_ch=3, num_feat=16, num_conv=2, upscale=2).eval()
+    x = torch.rand(1, 3, 11, 9)
+    with torch.inference_mode():
+        winograd.convert(model)
+        ref = model(x)  # Winograd body, torch's tail
+        assert winograd.fuse_compact_tail(model)
+        kernels.failing = {"shuffle_add"}
+        with caplog.at_level(logging.WARNING):
+            assert torch.equal(model(x), ref)
+    assert "shuffle_add" in kernels.calls
+    assert warnings_about(caplog, "shuffle_add") == 1
+
+
+def test_inputs_the_kernels_cannot_take_never_reach_c(kernels: FakeLibrary) -> None:
+    """Unbatched (C, H, W) input, which torch's convolution takes, and the wrong channel count
+    (torch's own error) run the original modules without any C call."""
+    conv = nn.Conv2d(16, 16, 3, padding=1)
+    module = winograd.WinogradConv2d(conv, nn.ReLU())
+    x = torch.randn(16, 9, 11)
+    with torch.inference_mode():
+        assert torch.equal(module(x), torch.relu(conv(x)))
+        with pytest.raises(RuntimeError, match="channels"):
+            module(torch.randn(1, 8, 9, 11))
+    assert kernels.calls == []
+
+
+def test_weights_of_another_dtype_never_reach_c(kernels: FakeLibrary) -> None:
+    """A converted module moved to bf16 and fed fp32: torch's dtype error, not its bf16
+    buffers read as fp32 by C (only the argument-free vector width is asked)."""
+    module = winograd.WinogradConv2d(nn.Conv2d(16, 16, 3, padding=1)).to(torch.bfloat16)
+    with torch.inference_mode(), pytest.raises(RuntimeError):
+        module(torch.randn(1, 16, 9, 11))
+    assert not set(kernels.calls) & set(COMPUTING)
+
+
+def bad_calls() -> dict[str, Callable[[], None]]:
+    """Calls with buffers that are not what the C code assumes, each one thing wrong."""
+    nhwc = torch.randn(1, 12, 12, 8)
+    v = torch.empty(64, 4, 8)  # the 2 x 2 tiles of nhwc
+    conv = winograd.WinogradConv2d(nn.Conv2d(8, 16, 3, padding=1))
+    y = torch.empty(1, 12, 12, 16)
+    return {
+        "not contiguous": lambda: winograd.transform_input(nhwc.transpose(1, 2), v, 0, (0, 2)),
+        "v too small": lambda: winograd.transform_input(nhwc, v[:, :3], 0, (0, 2)),
+        "channels past v": lambda: winograd.transform_input(nhwc, v, 4, (0, 2)),
+        "band past the image": lambda: winograd.transform_input(nhwc, v, 0, (1, 3)),
+        "not float32": lambda: winograd.transform_input(nhwc.double(), v, 0, (0, 2)),
+        "3-D": lambda: winograd.transform_input(nhwc[0], v, 0, (0, 2)),
+        "y of other channels": lambda: conv.finish(v, y[..., :8].contiguous(), (0, 2)),
+        "residual of other size": lambda: conv.finish(v, y, (0, 2), y[:, :6], 0.2),
+        "fused y too small": lambda: conv.fused(torch.randn(1, 12, 12, 8), y[:, :6]),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(bad_calls()))
+def test_buffers_are_checked_before_any_c_call(kernels: FakeLibrary, case: str) -> None:
+    with torch.inference_mode(), pytest.raises(winograd.KernelFailure, match="unexpected"):
+        bad_calls()[case]()
+    assert not set(kernels.calls) & set(COMPUTING)
+
+
+CHECKED_UNDER_O = """
+import torch
+from imgsvc.models.upscale.cpu import winograd
+nhwc, v = torch.randn(1, 12, 12, 8), torch.empty(64, 1, 8)
+try:
+    winograd.transform_input(nhwc, v, 0, (0, 2))  # v holds 1 tile of the 4
+except winograd.KernelFailure as failure:
+    print("refused:", failure)
+"""
+
+
+def test_checks_hold_under_python_optimize() -> None:
+    """`python -O` drops asserts; the checks are not asserts, so a bad call is still refused
+    (with asserts it wrote past the end of v)."""
+    done = subprocess.run(
+        [sys.executable, "-O", "-c", CHECKED_UNDER_O],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("refused: wino_input: unexpected arguments"), done.stdout
+
+
 def upscale(up: Upscaler, img: Image.Image) -> np.ndarray:
     w, h = up.native_size(img.size)
     sink = ArraySink(h, w, 3)
@@ -270,8 +456,13 @@ from imgsvc.models.upscale.engine import Upscaler
 up = Upscaler("c", Path(sys.argv[1]), DeviceSpec("cpu", None), tile=64, cpu_bf16=False)
 sink = ArraySink(64, 64, 3)
 up.stream(Image.new("RGB", (32, 32), (200, 30, 90)), sink)
-print(json.dumps({"available": winograd_build.available(), "convolutions": up.convolutions,
-                  "mean": float(sink.array.mean())}))
+try:
+    winograd_build.build_kernels()
+    reason = None
+except winograd_build.KernelUnavailable as exc:
+    reason = str(exc)
+print(json.dumps({"available": winograd_build.available(), "path": up.convolution_path,
+                  "mean": float(sink.array.mean()), "reason": reason}))
 """
 
 
@@ -297,21 +488,32 @@ def test_without_a_compiler_the_service_runs_direct_convolutions(tmp_path: Path)
     )
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["available"] is False and result["convolutions"] == "direct"
+    assert result["available"] is False and result["path"] == "onednn-fp32"
     assert result["mean"] > 0
-    assert "no C compiler" in done.stderr  # said once, in the log
+    assert "no C compiler" in result["reason"]  # what `imgsvc kernels build` reports
+    assert done.stderr.count("no C compiler") == 1  # said once, in the log
 
 
-def test_kernels_are_cached_by_source_compiler_and_cpu(tmp_path: Path) -> None:
+def test_kernels_are_built_explicitly_and_cached_by_source_compiler_and_cpu(
+    tmp_path: Path,
+) -> None:
+    """`build_kernels()` (`imgsvc kernels build`) builds into the cache and says where; the
+    second start finds that build, and lazy first use (`library()`) loads the same file."""
     env = {**os.environ, "IMGSVC_KERNEL_CACHE": str(tmp_path)}
-    code = "from imgsvc.models import winograd_build as b; b.library(); print(b.available())"
+    code = (
+        "from imgsvc.models.upscale.cpu import build as b; "
+        "print(b.build_kernels()); b.library(); print(b.available())"
+    )
+    printed = []
     for _ in range(2):  # the second start finds the first one's build
         done = subprocess.run(
             [sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True
         )
-        assert done.stdout.strip() == "True", done.stderr[-2000:]
+        assert done.stdout.endswith("True\n"), done.stderr[-2000:]
+        printed.append(done.stdout.splitlines()[0])
     built = list(tmp_path.iterdir())
     assert len(built) == 1 and built[0].name.startswith("winograd-"), built  # no partial files
+    assert printed == [str(built[0])] * 2
 
 
 @pytest.mark.usefixtures("conv_path")

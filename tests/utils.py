@@ -66,7 +66,8 @@ class Server:
         return httpx.Client(base_url=self.url, headers=headers, timeout=300)
 
 
-def start_server(tmp: Path, weights: Path, **env: str) -> Server:
+def start_server(tmp: Path, weights: Path, *args: str, **env: str) -> Server:
+    """`imgsvc serve` (plus `args`) on a fresh SQLite database in `tmp`, ready to serve."""
     port = _free_port()
     full_env = {
         **os.environ,
@@ -79,7 +80,7 @@ def start_server(tmp: Path, weights: Path, **env: str) -> Server:
     log = tmp / "server.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "imgsvc", "serve", "--port", str(port)],
+            [sys.executable, "-m", "imgsvc", "serve", "--port", str(port), *args],
             env=full_env,
             stdout=out,
             stderr=subprocess.STDOUT,

@@ -76,7 +76,7 @@ def begin(db: Database, *, key_id: int, idem_key: str, fingerprint: str) -> Stor
     if record.status != "done" or record.response_body is None:
         raise IdempotencyInProgress(
             "a request with this Idempotency-Key is still running; retry later",
-            headers={"Retry-After": "1"},
+            retry_after_s=1,
         )
     return StoredResponse(
         status=int(record.response_status or 200),

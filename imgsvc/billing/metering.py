@@ -63,7 +63,6 @@ def reserve(
             raise InsufficientCredits(
                 f"this call costs {credits} credits and the account has {balance}; "
                 "top up and retry",
-                headers={"X-Credits-Required": str(credits), "X-Credits-Remaining": str(balance)},
                 extra={"credits_required": credits, "credits_remaining": balance},
             )
         if key.monthly_cap is not None and not _charge_cap(s, key.id, credits, month):
@@ -71,7 +70,6 @@ def reserve(
             raise MonthlyCapReached(
                 f"this call costs {credits} credits; this key has spent {key.month_spent} of "
                 f"its monthly cap of {key.monthly_cap}",
-                headers={"X-Credits-Required": str(credits)},
                 extra={"credits_required": credits, "monthly_cap": key.monthly_cap},
             )
         hold = Hold(
@@ -150,12 +148,12 @@ def _credit(s: Session, account_id: int, credits: int) -> None:
         )
 
 
-def extend(db: Database, *, hold_id: int, ttl: timedelta) -> None:
-    """Push a running call's hold expiry forward (its heartbeat)."""
+def extend(db: Database, *, hold_ids: list[int], ttl: timedelta) -> None:
+    """Push the expiry of running calls' holds forward (their heartbeat), in one UPDATE."""
     with db.transaction(durable=False) as s:
         s.execute(
             update(Hold)
-            .where(Hold.id == hold_id, Hold.status == "held")
+            .where(Hold.id.in_(hold_ids), Hold.status == "held")
             .values(expires_at=utcnow() + ttl)
         )
 

@@ -11,13 +11,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
-from imgsvc.errors import ServiceError
+from imgsvc.errors import ConfigurationError
 
 _MP = 1_000_000
 BackgroundSize = Literal["preview", "full"]
 
 
-class PriceTableError(ServiceError):
+class PriceTableError(ConfigurationError):
     code = "price_table_invalid"
 
 

@@ -1,5 +1,5 @@
 """Per-key rate limits with the `limits` library: in memory on one machine, Redis when
-IMGSVC_REDIS_URL is set (shared by every replica). Headers follow the IETF RateLimit draft."""
+IMGSVC_REDIS_URL is set (shared by every replica)."""
 
 from __future__ import annotations
 
@@ -11,21 +11,25 @@ from limits import RateLimitItem, parse
 from limits.storage import storage_from_string
 from limits.strategies import FixedWindowRateLimiter
 
-from imgsvc.errors import RateLimited
+from imgsvc.errors import ServiceError
 
 
 @dataclass(frozen=True)
 class RateState:
+    """Where a key stands in its current window (what the RateLimit headers report)."""
+
     limit: int
     remaining: int
     reset_seconds: int
     window_seconds: int
 
-    def headers(self) -> dict[str, str]:
-        return {
-            "RateLimit-Policy": f'"default";q={self.limit};w={self.window_seconds}',
-            "RateLimit": f'"default";r={self.remaining};t={self.reset_seconds}',
-        }
+
+class RateLimited(ServiceError):
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, state: RateState) -> None:
+        super().__init__(message, retry_after_s=max(1, state.reset_seconds))
+        self.state = state
 
 
 class RateLimiter:
@@ -60,7 +64,7 @@ class RateLimiter:
             raise RateLimited(
                 f"rate limit of {item.amount} calls per {item.get_expiry()} s reached; "
                 f"retry in {state.reset_seconds} s",
-                headers={"Retry-After": str(max(1, state.reset_seconds)), **state.headers()},
+                state=state,
             )
         return state
 

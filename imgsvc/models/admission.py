@@ -1,60 +1,101 @@
-"""One model call at a time per device, with a bounded number of callers waiting for it.
+"""Admission control for one device, the same for every operation.
 
-`admit()` is taken by a request *before* any credit is reserved: when `depth` requests are
-already waiting (plus the one running), it raises `QueueFull` (503 + `Retry-After`), so a
-refused call costs nothing. Engines hold `lock` around the model call itself.
+Each operation runs at most `slots[op]` calls at once on the device; beyond those, at most
+`depth[op]` more may wait (None: no bound). On a GPU (`exclusive`), one model call at a time
+runs on the device across all operations, so background removal, upscaling and inpainting never
+share its memory at once.
+
+A call is counted in with `admit(op)` *before* any credit is reserved: when its queue is full
+that raises `Busy` (503 + Retry-After, from recent call durations), so a refused call costs
+nothing. The admitted call then runs its model work inside `ticket.running()`, which blocks its
+thread until a slot (and on a GPU the device) is free. Thread-based, so the same mechanism serves
+a request handler's worker thread and a batch worker.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
 
-from imgsvc.errors import ServiceError
-
-
-class QueueFull(ServiceError):
-    code = "queue_full"
-    status = 503
+from imgsvc.errors import Busy
 
 
-class DeviceQueue:
-    """Admission control and the device lock shared by the inpainting engines."""
-
-    def __init__(self, depth: int, *, initial_estimate_s: float = 5.0) -> None:
-        self.depth = depth
-        self.lock = threading.Lock()
-        self._guard = threading.Lock()
-        self._admitted = 0
-        self._estimate_s = initial_estimate_s  # moving average of one call, for Retry-After
-
-    @property
-    def admitted(self) -> int:
-        return self._admitted
+@dataclass
+class _Queue:
+    slots: threading.Semaphore
+    width: int
+    depth: int | None
+    admitted: int = 0
+    estimate_s: float = 5.0  # moving average of one call's duration, for Retry-After
 
     def retry_after_s(self) -> int:
-        return max(1, math.ceil(self._estimate_s * max(1, self._admitted)))
+        return max(1, math.ceil(self.estimate_s * max(1, self.admitted) / self.width))
 
-    @contextmanager
-    def admit(self) -> Iterator[None]:
-        """Hold a place (running or waiting) for the duration of one request."""
+
+class Ticket:
+    """One admitted call: `running()` holds its slot for the model work."""
+
+    def __init__(self, admission: Admission, queue: _Queue) -> None:
+        self._admission = admission
+        self._queue = queue
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        with self._queue.slots, self._admission.device_lock():
+            started = time.perf_counter()
+            try:
+                yield
+            finally:
+                self._admission._observe(self._queue, time.perf_counter() - started)
+
+
+class Admission:
+    """Slots and bounded waiting per operation, and the device lock on a GPU."""
+
+    def __init__(
+        self,
+        slots: Mapping[Any, int],
+        depth: Mapping[Any, int | None],
+        *,
+        exclusive: bool,
+    ) -> None:
+        self._queues = {
+            op: _Queue(threading.Semaphore(n), n, depth.get(op)) for op, n in slots.items()
+        }
+        self._device = threading.Lock() if exclusive else None
+        self._guard = threading.Lock()
+
+    def admitted(self, op: str) -> int:
+        """Calls of `op` running or waiting now."""
+        return self._queues[op].admitted
+
+    @contextlib.contextmanager
+    def admit(self, op: str) -> Iterator[Ticket]:
+        """Hold a place (running or waiting) for one call of `op`; Busy when the queue is full."""
+        queue = self._queues[op]
         with self._guard:
-            if self._admitted > self.depth:
-                wait = self.retry_after_s()
-                raise QueueFull(
-                    f"the inpainting queue is full ({self._admitted} calls running or waiting); "
+            if queue.depth is not None and queue.admitted >= queue.width + queue.depth:
+                wait = queue.retry_after_s()
+                raise Busy(
+                    f"the {op} queue is full ({queue.admitted} calls running or waiting); "
                     f"retry in about {wait} s",
-                    headers={"Retry-After": str(wait)},
+                    retry_after_s=wait,
                 )
-            self._admitted += 1
-        started = time.perf_counter()
+            queue.admitted += 1
         try:
-            yield
+            yield Ticket(self, queue)
         finally:
-            elapsed = time.perf_counter() - started
             with self._guard:
-                self._admitted -= 1
-                self._estimate_s = 0.7 * self._estimate_s + 0.3 * elapsed / (self._admitted + 1)
+                queue.admitted -= 1
+
+    def device_lock(self) -> contextlib.AbstractContextManager[object]:
+        return self._device if self._device is not None else contextlib.nullcontext()
+
+    def _observe(self, queue: _Queue, seconds: float) -> None:
+        with self._guard:
+            queue.estimate_s = 0.7 * queue.estimate_s + 0.3 * seconds

@@ -14,8 +14,8 @@ from imgsvc.billing.keys import KeyInfo
 from imgsvc.billing.pricing import PriceTable
 from imgsvc.config import Settings
 from imgsvc.errors import NotFound, Unauthorized
-from imgsvc.images import Limits
 from imgsvc.models.registry import Registry
+from imgsvc.operations.context import Context
 
 
 def _settings(request: Request) -> Settings:
@@ -38,17 +38,16 @@ def _prices(request: Request) -> PriceTable:
     return prices
 
 
+def _context(request: Request) -> Context:
+    context: Context = request.app.state.context
+    return context
+
+
 SettingsDep = Annotated[Settings, Depends(_settings)]
 PricesDep = Annotated[PriceTable, Depends(_prices)]
 DatabaseDep = Annotated[Database, Depends(_db)]
 RegistryDep = Annotated[Registry, Depends(_registry)]
-
-
-def _limits(settings: SettingsDep) -> Limits:
-    return Limits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_input_pixels)
-
-
-LimitsDep = Annotated[Limits, Depends(_limits)]
+ContextDep = Annotated[Context, Depends(_context)]
 
 
 def _key_cache(request: Request) -> keys.KeyCache:
@@ -56,7 +55,8 @@ def _key_cache(request: Request) -> keys.KeyCache:
     return cache
 
 
-def _secret(authorization: str | None, x_api_key: str | None) -> str:
+def api_secret(authorization: str | None, x_api_key: str | None) -> str:
+    """The key sent as `Authorization: Bearer <key>` or `X-API-Key`; Unauthorized if none."""
     secret = x_api_key
     if authorization:
         scheme, _, value = authorization.partition(" ")
@@ -77,14 +77,14 @@ async def _api_key(
     x_api_key: ApiKeyHeader = None,
 ) -> KeyInfo:
     """The caller's key, re-checked against the database at most every few seconds."""
-    return await run_in_threadpool(cache.authenticate, _secret(authorization, x_api_key))
+    return await run_in_threadpool(cache.authenticate, api_secret(authorization, x_api_key))
 
 
 async def _fresh_api_key(
     db: DatabaseDep, authorization: AuthorizationHeader = None, x_api_key: ApiKeyHeader = None
 ) -> KeyInfo:
     """The caller's key read from the database now (live balance and status)."""
-    return await run_in_threadpool(keys.authenticate, db, _secret(authorization, x_api_key))
+    return await run_in_threadpool(keys.authenticate, db, api_secret(authorization, x_api_key))
 
 
 FreshApiKeyDep = Annotated[KeyInfo, Depends(_fresh_api_key)]

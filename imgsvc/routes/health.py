@@ -1,4 +1,5 @@
-"""GET /healthz (process up), GET /readyz (database + default models loaded), GET /v1/models."""
+"""GET /healthz (process up), GET /readyz (database + default models loaded, and how each
+loaded upscale model runs its convolutions), GET /v1/models (generated from the model table)."""
 
 from __future__ import annotations
 
@@ -35,7 +36,12 @@ async def readyz(request: Request, db: DatabaseDep) -> JSONResponse:
         return JSONResponse({"status": "unready", "reason": state.load_error}, 503)
     if not state.models_ready:
         return JSONResponse({"status": "starting", "reason": "loading models"}, 503)
-    return JSONResponse({"status": "ready", "device": request.app.state.registry.device.device})
+    registry = request.app.state.registry
+    models = [
+        {"operation": op, "name": name, "convolution_path": path}
+        for op, name, path in registry.loaded_models()
+    ]
+    return JSONResponse({"status": "ready", "device": registry.device.device, "models": models})
 
 
 @router.get("/v1/models", tags=["models"], summary="Every operation's models and their weights")

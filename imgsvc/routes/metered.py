@@ -1,39 +1,38 @@
-"""The metered call, shared by every operation route:
+"""The metered call, shared by every operation route, after the gate has admitted the caller:
 
-scope → rate limit → (dry run: quote) → Idempotency-Key → hold credits → run the engine off the
-event loop (heartbeating the hold) → capture the charge, or release it if anything failed.
+prepare (decode, validate, price; off the event loop) → `?dry_run=true`: the quote →
+Idempotency-Key → `operations.execute` in a worker thread (admission, hold, run, capture) →
+the response, stored for idempotent replays before the thread lets go of it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
-import time
+import logging
+import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import timedelta
-from typing import Annotated, TypeVar
+from dataclasses import dataclass
+from typing import Annotated
 
 import anyio
+import anyio.to_thread
 from fastapi import Query, Request, Response, UploadFile
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 
-from imgsvc.billing import idempotency, metering
-from imgsvc.billing.db import Database
+from imgsvc.billing import idempotency
 from imgsvc.billing.idempotency import StoredResponse
 from imgsvc.billing.keys import KeyInfo
-from imgsvc.billing.metering import UsageRecord
-from imgsvc.billing.pricing import PriceTable
-from imgsvc.billing.ratelimit import RateLimiter
-from imgsvc.config import Settings
-from imgsvc.errors import Forbidden, InvalidInput, PayloadTooLarge
-from imgsvc.images import MEDIA_TYPES, Limits, OutputFormat
-from imgsvc.models.registry import Operation, Registry
+from imgsvc.errors import PayloadTooLarge
+from imgsvc.images import MEDIA_TYPES
+from imgsvc.operations.context import Context
+from imgsvc.operations.execute import Cancelled, Charged, execute
+from imgsvc.operations.prepared import Prepared, Result
 
-MAX_CLIENT_REF = 100
-T = TypeVar("T")
+log = logging.getLogger("imgsvc")
+DISCONNECT_POLL_S = 0.25  # how often a running call checks that its client is still there
 # OpenAPI description of an image response, shared by the operation routes.
 IMAGE_RESPONSES: dict[int | str, dict[str, object]] = {
     200: {
@@ -43,27 +42,22 @@ IMAGE_RESPONSES: dict[int | str, dict[str, object]] = {
         "to make retries safe and `X-Client-Ref` to tag the usage row.",
     }
 }
+# A result rendered as an HTTP body: (body, media type); the default is the result itself.
+Render = Callable[[Result], tuple[bytes, str]]
 
 
 @dataclass(frozen=True)
-class EngineResult:
-    """What an operation produced, ready to send."""
+class Respond:
+    """How a route answers a charged result: extra headers, and another body if it wants."""
 
-    body: bytes
-    format: OutputFormat
-    model: str
-    input_size: tuple[int, int]
-    output_size: tuple[int, int]
-    headers: dict[str, str] = field(default_factory=dict)
-    # Credits to charge when they differ from the reservation (e.g. 0 for a useless result).
-    credits: int | None = None
-    media_type: str | None = None  # overrides the format's media type
+    headers: dict[str, str] | None = None
+    render: Render | None = None
 
 
-async def read_upload(upload: UploadFile, limits: Limits, what: str) -> bytes:
+async def read_upload(upload: UploadFile, max_bytes: int, what: str) -> bytes:
     """Read an uploaded file, refusing oversize ones before reading them into memory."""
-    if upload.size is not None and upload.size > limits.max_bytes:
-        raise PayloadTooLarge(f"{what} is {upload.size} bytes; the limit is {limits.max_bytes}")
+    if upload.size is not None and upload.size > max_bytes:
+        raise PayloadTooLarge(f"{what} is {upload.size} bytes; the limit is {max_bytes}")
     return await upload.read()
 
 
@@ -100,155 +94,164 @@ async def request_fingerprint(request: Request) -> str:
 
 async def metered_call(
     request: Request,
-    *,
     key: KeyInfo,
-    operation: Operation,
-    credits: int,
-    output_size: tuple[int, int],
-    work: Callable[[], EngineResult],
+    prepare: Callable[[Context], Prepared],
+    respond: Respond | None = None,
 ) -> Response:
-    """Charge at most `credits` for `work`, only if it succeeds.
-
-    Call it after all validation, with the price and output size known; with `?dry_run=true`
-    it answers the quote instead of doing the work.
-    """
-    state = request.app.state
-    settings: Settings = state.settings
-    db: Database = state.db
-    prices: PriceTable = state.prices
-    limiter: RateLimiter = state.rate_limiter
-    if not key.may(operation):
-        raise Forbidden(f"this key may not call {operation} (scopes: {' '.join(key.scopes)})")
-    if limiter.shared:
-        rate = await run_in_threadpool(limiter.check, key.id, key.rate_limit)
-    else:
-        rate = limiter.check(key.id, key.rate_limit)  # in memory: microseconds
-    request.state.extra_headers = rate.headers()
-    client_ref = request.headers.get("x-client-ref")
-    if client_ref is not None and not 0 < len(client_ref) <= MAX_CLIENT_REF:
-        raise InvalidInput(f"X-Client-Ref must be 1 to {MAX_CLIENT_REF} characters")
-
+    """Prepare the call, then quote it (dry run) or run it charged and answer its result."""
+    prepared = await run_in_threadpool(prepare, request.app.state.context)
     if getattr(request.state, "dry_run", False):
-        quote = {
-            "operation": operation,
-            "credits": credits,
-            "output_width": output_size[0],
-            "output_height": output_size[1],
-            "price_version": prices.version,
-        }
-        return JSONResponse(quote, headers={"X-Credits-Would-Charge": str(credits)})
-
+        return _quote(prepared)
     idem_key = request.headers.get("idempotency-key")
     if idem_key is not None:
-        fingerprint = await request_fingerprint(request)
-        stored = await run_in_threadpool(
-            lambda: idempotency.begin(db, key_id=key.id, idem_key=idem_key, fingerprint=fingerprint)
+        replay = await _claim(request, key, idem_key)
+        if replay is not None:
+            headers = {**replay.headers, "Idempotent-Replayed": "true"}
+            return Response(replay.body, replay.status, headers, replay.media_type)
+    call = ChargedCall(request, key, prepared, respond or Respond(), idem_key)
+    done = await call.run(request)
+    return Response(done.body, done.status, done.headers, done.media_type)
+
+
+async def _claim(request: Request, key: KeyInfo, idem_key: str) -> StoredResponse | None:
+    """Claim the Idempotency-Key for this request, or the stored response to replay."""
+    db = request.app.state.db
+    fingerprint = await request_fingerprint(request)
+    return await run_in_threadpool(
+        lambda: idempotency.begin(db, key_id=key.id, idem_key=idem_key, fingerprint=fingerprint)
+    )
+
+
+class ChargedCall:
+    """`operations.execute` in a worker thread that owns the outcome once it has started: if
+    the caller goes away, the hold is released (Cancelled); once charged, the response is
+    stored for idempotent replays, whoever is still waiting for it."""
+
+    def __init__(
+        self,
+        request: Request,
+        key: KeyInfo,
+        prepared: Prepared,
+        respond: Respond,
+        idem_key: str | None,
+    ) -> None:
+        self._state = request.app.state
+        self._request_state = request.state
+        self._key, self._prepared, self._respond, self._idem_key = key, prepared, respond, idem_key
+        self._cancelled, self._started, self._claim = (
+            threading.Event(),
+            threading.Event(),
+            threading.Lock(),
         )
-        if stored is not None:
-            return Response(
-                stored.body,
-                status_code=stored.status,
-                media_type=stored.media_type,
-                headers={**stored.headers, "Idempotent-Replayed": "true"},
+
+    async def run(self, request: Request) -> StoredResponse:
+        watcher = asyncio.create_task(self._watch(request))
+        try:
+            done = await anyio.to_thread.run_sync(
+                self._in_thread, abandon_on_cancel=True, limiter=self._state.call_threads
             )
+        except BaseException:
+            with self._claim:
+                self._cancelled.set()  # a no-op once the thread has captured
+            if not self._started.is_set():  # the thread will never run: clean up here
+                with anyio.CancelScope(shield=True):
+                    await run_in_threadpool(self._abort)
+            raise
+        finally:
+            watcher.cancel()
+        return done
 
-    ttl = timedelta(seconds=settings.hold_ttl_seconds)
-    request_id: str = request.state.request_id
-    try:
-        hold_id = await run_in_threadpool(
-            lambda: metering.reserve(
-                db,
-                key=key,
-                credits=credits,
-                request_id=request_id,
-                ttl=ttl,
-                price_version=prices.version,
+    async def _watch(self, request: Request) -> None:
+        """A client that hangs up is not charged: the thread releases instead of capturing."""
+        while not await request.is_disconnected():
+            await anyio.sleep(DISCONNECT_POLL_S)
+        with self._claim:
+            self._cancelled.set()
+
+    def _in_thread(self) -> StoredResponse:
+        with self._claim:
+            if self._cancelled.is_set():
+                raise Cancelled("the caller went away")
+            self._started.set()
+        state, request_state = self._state, self._request_state
+        try:
+            outcome = execute(
+                self._prepared,
+                meter=state.meter,
+                admission=state.context.registry.admission,
+                key=self._key,
+                request_id=request_state.request_id,
+                client_ref=request_state.client_ref,
+                cancelled=self._cancelled,
             )
-        )
-    except BaseException:
-        if idem_key is not None:
-            await _shielded(lambda: idempotency.abort(db, key_id=key.id, idem_key=idem_key))
-        raise
+        except BaseException:
+            self._abort()
+            raise
+        response = _response(outcome, self._respond, getattr(request_state, "extra_headers", {}))
+        if self._idem_key is not None:
+            try:
+                idempotency.complete(
+                    state.db, key_id=self._key.id, idem_key=self._idem_key, response=response
+                )
+            except SQLAlchemyError:
+                log.exception(
+                    "request %s: idempotent response not stored", request_state.request_id
+                )
+        return response
 
-    def work_then_capture() -> tuple[EngineResult, int, int]:
-        # Capturing in the worker thread right after the work saves a thread hop per call.
-        started = time.perf_counter()
-        result = work()
-        usage = UsageRecord(
-            operation=operation,
-            model=result.model,
-            input_size=result.input_size,
-            output_size=result.output_size,
-            duration_ms=round((time.perf_counter() - started) * 1000),
-            price_version=prices.version,
-            client_ref=client_ref,
-        )
-        charged, remaining = metering.capture(
-            db,
-            hold_id=hold_id,
-            credits=credits if result.credits is None else result.credits,
-            key=key,
-            request_id=request_id,
-            usage=usage,
-        )
-        return result, charged, remaining
+    def _abort(self) -> None:
+        if self._idem_key is not None:
+            idempotency.abort(self._state.db, key_id=self._key.id, idem_key=self._idem_key)
 
-    try:
-        result, charged, remaining = await _with_heartbeat(
-            request.app.state.registry, operation, work_then_capture, db, hold_id, ttl
-        )
-    except BaseException:
-        # A failure, or a client that hung up: give the credits back whatever happens here
-        # (a no-op if the capture had already committed).
-        await _shielded(lambda: metering.release(db, hold_id=hold_id))
-        if idem_key is not None:
-            await _shielded(lambda: idempotency.abort(db, key_id=key.id, idem_key=idem_key))
-        raise
 
+def _quote(prepared: Prepared) -> Response:
+    quote = prepared.quote()
+    body = {
+        "operation": quote.operation,
+        "credits": quote.credits,
+        "output_width": quote.output_size[0],
+        "output_height": quote.output_size[1],
+        "price_version": quote.price_version,
+    }
+    return JSONResponse(body, headers={"X-Credits-Would-Charge": str(quote.credits)})
+
+
+def _response(outcome: Charged, respond: Respond, rate: dict[str, str]) -> StoredResponse:
+    result = outcome.result
     headers = {
-        "X-Credits-Charged": str(charged),
-        "X-Credits-Remaining": str(remaining),
+        "X-Credits-Charged": str(outcome.charged),
+        "X-Credits-Remaining": str(outcome.remaining),
         "X-Model": result.model,
         "X-Width": str(result.output_size[0]),
         "X-Height": str(result.output_size[1]),
-        **result.headers,
-        **rate.headers(),
+        **result_headers(result, respond.headers or {}),
+        **rate,
     }
-    media_type = result.media_type or MEDIA_TYPES[result.format]
-    if idem_key is not None:
-        stored_response = StoredResponse(200, headers, result.body, media_type)
-        await _shielded(
-            lambda: idempotency.complete(
-                db, key_id=key.id, idem_key=idem_key, response=stored_response
-            )
-        )
-    return Response(result.body, media_type=media_type, headers=headers)
+    body, media_type = (result.body, result.media_type)
+    if respond.render is not None:
+        body, media_type = respond.render(result)
+    return StoredResponse(200, headers, body, media_type)
 
 
-async def _with_heartbeat(
-    registry: Registry,
-    operation: Operation,
-    work: Callable[[], T],
-    db: Database,
-    hold_id: int,
-    ttl: timedelta,
-) -> T:
-    """Run `work`, extending the hold every ttl/3 so only a dead process lets it expire."""
-
-    async def beat() -> None:
-        while True:
-            await asyncio.sleep(ttl.total_seconds() / 3)
-            await run_in_threadpool(lambda: metering.extend(db, hold_id=hold_id, ttl=ttl))
-
-    heartbeat = asyncio.create_task(beat())
-    try:
-        return await registry.run(operation, work)
-    finally:
-        heartbeat.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await heartbeat
-
-
-async def _shielded(fn: Callable[[], object]) -> None:
-    with anyio.CancelScope(shield=True):
-        await run_in_threadpool(fn)
+def result_headers(result: Result, extra: dict[str, str]) -> dict[str, str]:
+    """The facts of a result as response headers (a route's own `extra` ones in between)."""
+    headers: dict[str, str] = {}
+    if result.model_version is not None:
+        headers["X-Model-Version"] = result.model_version
+    headers |= extra
+    if result.seed is not None:
+        headers["X-Seed"] = str(result.seed)
+    if result.subject_box is not None:
+        x0, y0, x1, y1 = result.subject_box
+        headers |= {
+            "X-Foreground-Top": str(y0),
+            "X-Foreground-Left": str(x0),
+            "X-Foreground-Width": str(x1 - x0),
+            "X-Foreground-Height": str(y1 - y0),
+        }
+    if result.warning:
+        headers["X-Warning"] = result.warning
+    if result.compliance is not None:
+        reasons = ",".join(result.compliance)
+        headers["X-Compliance"] = f"fail; reasons={reasons}" if reasons else "pass"
+    return headers

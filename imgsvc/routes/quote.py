@@ -1,4 +1,7 @@
-"""POST /v1/quote — what a call would cost and produce, without an image and without charge."""
+"""POST /v1/quote — what a call would cost and produce, without an image and without charge.
+
+The price comes from the operation's own `quote()`, the function its real call prices with.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +9,15 @@ from typing import Literal
 
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
 
 from imgsvc.billing.pricing import BackgroundSize
-from imgsvc.models.upscale.engine import output_size
-from imgsvc.routes.deps import ApiKeyDep, PricesDep
+from imgsvc.operations import inpaint, remove_background, upscale
+from imgsvc.operations.context import Context
+from imgsvc.operations.prepared import Quote as OperationQuote
+from imgsvc.routes.deps import ApiKeyDep, ContextDep
 
 router = APIRouter(prefix="/v1", tags=["quote"])
-SD15_NATIVE_PIXELS = 512 * 512
 
 
 class QuoteRequest(BaseModel):
@@ -36,31 +41,30 @@ class Quote(BaseModel):
     exact: bool = Field(description="false where the model's working size is estimated")
 
 
-@router.post("/quote", summary="Price of a call before making it (nothing is charged)")
-async def quote(body: QuoteRequest, key: ApiKeyDep, prices: PricesDep) -> Quote:
-    w, h, exact = body.width, body.height, True
+def _quote(body: QuoteRequest, ctx: Context) -> OperationQuote:
+    w, h = body.width, body.height
     if body.operation == "remove-background":
-        credits = prices.remove_background_cost(body.size)
-    elif body.operation == "upscale":
-        w, h = output_size(
-            body.width,
-            body.height,
-            scale=body.scale,
-            target_width=body.target_width,
-            target_height=body.target_height,
+        return remove_background.quote(
+            remove_background.RemoveBackgroundOptions(size=body.size), w, h, ctx
         )
-        credits = prices.upscale_cost(w, h)
-    else:
-        # The pipeline works on at most its native size (512x512 for SD 1.5); `dry_run=true`
-        # on the real call gives the exact figure for the installed model and the mask.
-        work_pixels = min(body.width * body.height, SD15_NATIVE_PIXELS)
-        credits = prices.inpaint_cost(prompt=body.prompt, steps=body.steps, work_pixels=work_pixels)
-        exact = not body.prompt
+    if body.operation == "upscale":
+        options = upscale.UpscaleOptions.model_construct(
+            scale=body.scale, target_width=body.target_width, target_height=body.target_height
+        )
+        return upscale.quote(options, w, h, ctx)
+    prompt = "a prompt" if body.prompt else None
+    options_inpaint = inpaint.InpaintOptions(prompt=prompt, steps=body.steps)
+    return inpaint.quote(options_inpaint, w, h, ctx)
+
+
+@router.post("/quote", summary="Price of a call before making it (nothing is charged)")
+async def quote(body: QuoteRequest, key: ApiKeyDep, ctx: ContextDep) -> Quote:
+    priced = await run_in_threadpool(_quote, body, ctx)
     return Quote(
-        operation=body.operation,
-        credits=credits,
-        output_width=w,
-        output_height=h,
-        price_version=prices.version,
-        exact=exact,
+        operation=priced.operation,
+        credits=priced.credits,
+        output_width=priced.output_size[0],
+        output_height=priced.output_size[1],
+        price_version=priced.price_version,
+        exact=priced.exact,
     )

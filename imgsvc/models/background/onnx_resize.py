@@ -4,10 +4,10 @@ U²-Net-family graphs (rembg's u2netp, u2net, …) were exported with every upsa
 another tensor: `Shape → Gather → … → Concat → Resize(sizes=…)`, computed on each run. With a
 fixed input size those sizes never change, but onnxruntime cannot see that, so it keeps every
 Resize (and the Concat after it) in plain NCHW layout and converts the activations to and from
-its blocked NCHWc layout around each one (33 ReorderInput nodes in u2netp). With the exact
-integer scales as constants, its NCHWc transformer keeps the whole decoder blocked: u2netp runs
-~8 % faster on one CPU thread with outputs equal to within float rounding (the load-time check
-below compares the two graphs; `tests/test_cutout.py` compares masks with rembg's own session).
+its blocked NCHWc layout around each one. With the exact integer scales as constants, its
+NCHWc transformer keeps the whole decoder blocked: u2netp runs faster (BENCHMARKS.md) with
+outputs equal to within float rounding (the load-time check below compares the two graphs;
+`tests/test_cutout.py` compares masks with rembg's own session).
 
 Only Resize nodes whose output is an exact integer multiple of their input in every axis are
 rewritten (then `half_pixel` and `pytorch_half_pixel` sample the same points, and size and

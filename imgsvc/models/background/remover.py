@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,18 +43,6 @@ def require_onnx_cuda() -> None:
             f"{', '.join(ort.get_available_providers())}); install onnxruntime-gpu matching "
             "your CUDA/cuDNN, or set IMGSVC_DEVICE=cpu"
         )
-
-
-@dataclass(frozen=True)
-class CutoutOptions:
-    """rembg's `remove()` options, under rembg's names."""
-
-    post_process_mask: bool = False
-    alpha_matting: bool = False
-    alpha_matting_foreground_threshold: int = 240
-    alpha_matting_background_threshold: int = 10
-    alpha_matting_erode_size: int = 10
-    decontaminate: bool = False
 
 
 class BackgroundRemover:
@@ -114,23 +101,30 @@ class BackgroundRemover:
             mask = Image.fromarray(rembg_post_process(np.array(mask)))
         return mask
 
-    def cutout(self, img: Image.Image, mask: Image.Image, options: CutoutOptions) -> Image.Image:
-        """RGBA cut-out of `img` with `mask` as alpha, refined as rembg's `remove()` would."""
+    def cutout(
+        self,
+        img: Image.Image,
+        mask: Image.Image,
+        *,
+        alpha_matting: bool = False,
+        foreground_threshold: int = 240,
+        background_threshold: int = 10,
+        erode_size: int = 10,
+        decontaminate: bool = False,
+    ) -> Image.Image:
+        """RGBA cut-out of `img` with `mask` as alpha, refined as rembg's `remove()` would
+        (its alpha matting with these thresholds, or its colour decontamination)."""
         from rembg.bg import alpha_matting_cutout, decontaminate_cutout, putalpha_cutout
 
         rgb = img if img.mode == "RGB" else img.convert("RGB")
-        if options.alpha_matting:
+        if alpha_matting:
             try:
                 out = alpha_matting_cutout(
-                    rgb,
-                    mask,
-                    options.alpha_matting_foreground_threshold,
-                    options.alpha_matting_background_threshold,
-                    options.alpha_matting_erode_size,
+                    rgb, mask, foreground_threshold, background_threshold, erode_size
                 )
             except ValueError:  # rembg's own fallback when the trimap is degenerate
                 out = decontaminate_cutout(rgb, mask)
-        elif options.decontaminate:
+        elif decontaminate:
             out = decontaminate_cutout(rgb, mask)
         else:  # the colours as they are, the mask as alpha (rembg's `putalpha=True`)
             out = putalpha_cutout(rgb.copy(), mask)  # putalpha changes its image in place

@@ -18,10 +18,12 @@ torch and diffusers are imported lazily: importing this module is cheap.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import json
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -106,9 +108,9 @@ def _torch_dtype(device: DeviceSpec) -> torch.dtype:
 class DiffusionInpaintEngine:
     """One loaded inpainting pipeline; `inpaint` may be called from several threads.
 
-    Pipeline calls are serialised by `lock` (shared by every engine on the device, so one model
-    call runs at a time per device). Construction loads the weights once (seconds to minutes for
-    real models); raises `ModelUnavailable` naming the path when it holds no loadable pipeline.
+    Pipeline calls are serialised by the engine's own lock: a pipeline object (its scheduler,
+    its tokenizer) serves one call at a time. Construction loads the weights once; raises
+    `ModelUnavailable` naming the path when it holds no loadable pipeline.
     """
 
     def __init__(
@@ -116,13 +118,12 @@ class DiffusionInpaintEngine:
         path: Path,
         device: DeviceSpec,
         *,
-        lock: threading.Lock | None = None,
         compile_unet: bool = False,
     ) -> None:
         self.folder = Path(path)
         self.name = self.folder.stem if self.folder.is_file() else self.folder.name
         self.device = device
-        self._lock = lock or threading.Lock()
+        self._lock = threading.Lock()
         if self.folder.is_file():
             pipe = single_file.load_pipeline(self.folder, dtype=_torch_dtype(device))
             self._pipe = self._to_device(pipe, compile_unet)
@@ -132,11 +133,15 @@ class DiffusionInpaintEngine:
         self.native_size: int = _native_size(self._pipe)
         self._default_scheduler: Any = self._pipe.scheduler
         self._schedulers: dict[str, Any] = {}
-        # `check` runs on the event loop while another request's pipeline call may be using the
-        # pipeline's tokenizer in a worker thread; a fast tokenizer keeps per-call truncation and
-        # padding state, so sharing it mixes requests up. Validation gets its own copy.
+        # Validation tokenizes in whatever thread prepares the call, while other threads may be
+        # validating or running the pipeline; a fast tokenizer keeps per-call truncation and
+        # padding state, so no tokenizer object may serve two threads at once. Validation borrows
+        # a private copy from a small pool (one per concurrent validation), made from a template
+        # that nothing tokenizes with.
         tokenizer = getattr(self._pipe, "tokenizer", None)
-        self._check_tokenizer: Any = None if tokenizer is None else copy.deepcopy(tokenizer)
+        self._tokenizer_template: Any = None if tokenizer is None else copy.deepcopy(tokenizer)
+        self._spare_tokenizers: list[Any] = []
+        self._tokenizer_guard = threading.Lock()
 
     def _read_model_index(self) -> dict[str, Any]:
         index = self.folder / MODEL_INDEX
@@ -216,18 +221,35 @@ class DiffusionInpaintEngine:
             raise InvalidInput(
                 f"steps * strength must be at least 1 (got steps={steps}, strength={strength})"
             )
-        tokenizer = self._check_tokenizer
-        if tokenizer is None:
+        if self._tokenizer_template is None:
             return
-        limit = int(tokenizer.model_max_length)
-        for what, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
-            if text:
-                count = len(tokenizer(text, truncation=False, verbose=False).input_ids)
-                if count > limit:
-                    raise InvalidInput(
-                        f"{what} is {count - 2} tokens; {self.name} reads at most {limit - 2} "
-                        "(the rest would be silently dropped): shorten it"
-                    )
+        with self._validation_tokenizer() as tokenizer:
+            counts = [
+                (what, len(tokenizer(text, truncation=False, verbose=False).input_ids))
+                for what, text in (("prompt", prompt), ("negative_prompt", negative_prompt))
+                if text
+            ]
+        limit = int(self._tokenizer_template.model_max_length)
+        for what, count in counts:
+            if count > limit:
+                raise InvalidInput(
+                    f"{what} is {count - 2} tokens; {self.name} reads at most {limit - 2} "
+                    "(the rest would be silently dropped): shorten it"
+                )
+
+    @contextlib.contextmanager
+    def _validation_tokenizer(self) -> Iterator[Any]:
+        """A tokenizer copy that no other thread uses until it is given back."""
+        with self._tokenizer_guard:
+            if self._spare_tokenizers:
+                tokenizer = self._spare_tokenizers.pop()
+            else:  # copied under the guard: nothing else reads the template meanwhile
+                tokenizer = copy.deepcopy(self._tokenizer_template)
+        try:
+            yield tokenizer
+        finally:
+            with self._tokenizer_guard:
+                self._spare_tokenizers.append(tokenizer)
 
     def plan(self, alpha: Image.Image) -> region.CropPlan:
         """The crop around `alpha` (the blend mask) and the native working size for it."""

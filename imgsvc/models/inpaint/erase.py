@@ -7,7 +7,7 @@ bit-identical. LaMa (`imgsvc.models.inpaint.lama`) is used instead when its weig
 
 from __future__ import annotations
 
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 import numpy as np
 from PIL import Image
@@ -28,8 +28,9 @@ def plan_at_full_size(alpha: Image.Image, max_side: int = MAX_SIDE) -> region.Cr
     return region.plan(alpha, max_side, upscale=False)
 
 
+@runtime_checkable
 class Eraser(Protocol):
-    """What the inpaint route needs from an erase engine."""
+    """What the inpaint operation needs from an erase engine."""
 
     name: str
 

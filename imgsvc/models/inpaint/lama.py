@@ -7,7 +7,6 @@ generator state dict, which spandrel detects and builds. It works on a crop arou
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +35,11 @@ def find_weights(weights_dir: Path) -> Path | None:
 
 
 class LamaEraser:
-    """LaMa loaded once; `erase` is serialised by `lock` (one model call at a time per device)."""
+    """LaMa loaded once; `erase` may be called from several threads (admission bounds them)."""
 
     name = NAME
 
-    def __init__(self, path: Path, device: DeviceSpec, lock: threading.Lock) -> None:
+    def __init__(self, path: Path, device: DeviceSpec) -> None:
         import torch
         from spandrel import MaskedImageModelDescriptor, ModelLoader
 
@@ -59,7 +58,6 @@ class LamaEraser:
         self._device = torch.device(device.device)
         descriptor.to(self._device).to(self.dtype).eval()
         self._descriptor: Any = descriptor
-        self._lock = lock
         self.path = path
 
     def plan(self, alpha: Image.Image) -> region.CropPlan:
@@ -75,7 +73,7 @@ class LamaEraser:
         msk = np.pad(np.asarray(hole), ((0, pad_h), (0, pad_w)), mode="symmetric")
         x = torch.from_numpy(arr).permute(2, 0, 1)[None].to(self._device, self.dtype) / 255.0
         m = (torch.from_numpy(msk)[None, None] > 0).to(self._device, self.dtype)
-        with self._lock, torch.inference_mode():
+        with torch.inference_mode():
             y = self._descriptor(x, m)[0].float().clamp_(0, 1)
         out = (y * 255.0).round_().to(torch.uint8).permute(1, 2, 0).cpu().numpy()[:h, :w]
         return region.paste_back(image, plan, Image.fromarray(np.ascontiguousarray(out), "RGB"))

@@ -4,12 +4,14 @@
   feathered weights, and finished rows stream to a sink, so memory is bounded by the tile band.
 - Tile size: from free GPU memory on CUDA, `IMGSVC_UPSCALE_TILE` on CPU. A CUDA out-of-memory
   error splits the failing tile in four (down to `TILE_FLOOR`) and the smaller size is kept.
-- Precision: fp16/bf16 on CUDA; a tile that comes back non-finite or black switches this model to
-  fp32 for the rest of the request and for good. On CPUs with native bf16, bf16 only for the
-  architectures where it was measured to hold: whole-model for Compact (CPU_BF16_ARCHS), and
-  for RRDBNet a mix that keeps the residual stream in fp32 (CPU_MIXED_BF16_ARCHS, see
-  mixed_bf16.py). Elsewhere on CPU, fp32 with the 3x3 convolutions as Winograd F(6,3)
-  (winograd.py). channels_last; optional torch.compile.
+- Precision and convolutions (`convolution_path`, decided by `expected_convolution_path`):
+  fp16/bf16 on CUDA; a tile that comes back non-finite or black switches this model to fp32 for
+  the rest of the request and for good (once, under a lock, even with concurrent calls). On CPUs
+  with native bf16, bf16 only for the architectures where it was measured to hold: whole-model
+  for Compact (CPU_BF16_ARCHS), and for RRDBNet a mix that keeps the residual stream in fp32
+  (CPU_MIXED_BF16_ARCHS, see mixed_bf16.py). Elsewhere on CPU, fp32 with the 3x3 convolutions
+  as Winograd F(6,3) (cpu/winograd.py) where the kernels build, else oneDNN's direct ones.
+  channels_last; optional torch.compile.
 - Alpha: transparent pixels take the colour of the nearest visible pixel before the colour pass
   (so no dark fringe), and alpha runs through the same model as a grey image, kept within the
   input alpha's local range (so transparent areas stay exactly transparent).
@@ -19,6 +21,8 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,20 +47,72 @@ MIN_SCALE, MAX_SCALE = 1.0, 8.0
 TILE_FLOOR = 64  # smallest tile an out-of-memory retry may use
 TILE_CEILING = 2048
 # Input pixels of context around every tile (thrown away) and half-width of the feathered overlap
-# between tiles. RRDBNet (x4plus) and transformers see far: whole vs 64 px tiles differ by 43 dB
-# PSNR with 32 px of context and by 51 dB with 48. Compact (SRVGG) sees 17 px.
+# between tiles. RRDBNet (x4plus) and transformers see far: tiled results come markedly closer
+# to whole-image ones with 48 px of context than with 32 (tests/test_upscale_engine.py checks
+# the seams). Compact (SRVGG) sees 17 px.
 CONTEXT, BLEND = 48, 16
 NEAR_SIGHTED = {"RealESRGAN Compact": (16, 8)}
 _GPU_MEMORY_SHARE = 0.5  # of the free memory, for one tile's activations
-# Architectures whose bf16 output holds on CPU: measured against fp32 on three real images
-# (tests/data car, photo_crop, anime-girl), realesr-animevideov3 (Compact) stays at 53-55 dB
-# PSNR, 2-3x faster on AVX512-BF16. RRDBNet (x4plus) wholly in bf16 drops to 46 dB on a photo;
-# mixed (dense blocks and tail in bf16, residual stream in fp32) it holds ~50 dB at 1.9-2x.
-# Compact takes bf16 only where the Winograd kernels cannot be built: its fused fp32 Winograd
-# convolutions are faster still on such a CPU (47 vs 60 ms at 128x128 on a 2-core Zen 4) and
-# match fp32 (88 dB).
+# Architectures whose bf16 output holds on CPU, measured against fp32 on real images (figures in
+# BENCHMARKS.md): Compact wholly in bf16; RRDBNet (x4plus) only mixed (dense blocks and tail in
+# bf16, residual stream in fp32; wholly in bf16 it loses too much). Compact takes bf16 only
+# where the Winograd kernels cannot be built: its fused fp32 Winograd convolutions are faster
+# still on such a CPU, and match fp32.
 CPU_BF16_ARCHS = frozenset({"RealESRGAN Compact"})
 CPU_MIXED_BF16_ARCHS = frozenset({"ESRGAN"})
+# Convolution paths in reduced precision → the dtype the model then takes. "onednn-fp16" only
+# runs where a DeviceSpec asks for fp16 on CPU (select_device never does; the tests do).
+_REDUCED = {
+    "cuda-fp16": "float16",
+    "cuda-bf16": "bfloat16",
+    "onednn-fp16": "float16",
+    "onednn-bf16": "bfloat16",
+}
+
+
+def expected_convolution_path(
+    architecture: str | None,
+    device: DeviceSpec,
+    *,
+    cpu_bf16: bool,
+    cpu_winograd: bool,
+    compile: bool,
+    supports_half: bool = True,
+    supports_bfloat16: bool = True,
+) -> str:
+    """How a model of spandrel's `architecture` (None: unknown) runs its convolutions here:
+    "winograd-fp32" (CPU fp32, our Winograd kernels), "mixed-bf16" (CPU, RRDBNet's dense blocks
+    in bf16), "onednn-bf16" (CPU, whole model in bf16), "onednn-fp32" (CPU, direct fp32), or
+    "cuda-fp16", "cuda-bf16", "cuda-fp32". The engine decides with this too, passing what its
+    loaded model supports; a model not loaded yet is assumed to support half and bf16 (as
+    spandrel's ESRGAN and Compact do). The loaded engine's `convolution_path` is the truth: it
+    is fp32 where a model's structure does not fit, and after the non-finite-output fallback.
+    """
+    backend = "cuda" if device.is_cuda else "onednn"
+    if device.half_dtype == "bfloat16" and supports_bfloat16:
+        return f"{backend}-bf16"
+    if device.half_dtype is not None and supports_half:
+        return f"{backend}-fp16"
+    fp32 = _fp32_path(device, cpu_winograd=cpu_winograd, compile=compile)
+    if device.is_cuda or not (cpu_bf16 and cpu_has_native_bf16()):
+        return fp32
+    if architecture in CPU_MIXED_BF16_ARCHS:
+        return "mixed-bf16"
+    if architecture in CPU_BF16_ARCHS and fp32 != "winograd-fp32":
+        return "onednn-bf16"
+    return fp32
+
+
+def _fp32_path(device: DeviceSpec, *, cpu_winograd: bool, compile: bool) -> str:
+    """fp32: on CPU with the Winograd kernels where allowed (not with torch.compile) and built."""
+    if device.is_cuda:
+        return "cuda-fp32"
+    if cpu_winograd and not compile:
+        from imgsvc.models.upscale.cpu import build as winograd_build
+
+        if winograd_build.available():
+            return "winograd-fp32"
+    return "onednn-fp32"
 
 
 def output_size(
@@ -117,8 +173,23 @@ def planes(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB"))
 
 
+@dataclass(frozen=True)
+class _Mode:
+    """How the engine runs now; replaced whole, so a call that read it once stays consistent."""
+
+    descriptor: Any  # the loaded spandrel model
+    dtype: Any  # the torch dtype it takes as input
+    precision: str  # how it computes: float32 | bfloat16 | float16 | bf16-mixed
+    convolution_path: str  # see expected_convolution_path
+
+
 class Upscaler:
-    """A spandrel image model loaded once on the chosen device."""
+    """A spandrel image model loaded once on the chosen device.
+
+    `descriptor`: a spandrel model already loaded from `path` (on CPU, float32; e.g.
+    `catalog.take_loaded(path)`), which the engine then owns, instead of loading the file;
+    `path` is still read for the fp32 reload after an implausible reduced-precision output.
+    """
 
     def __init__(
         self,
@@ -130,6 +201,7 @@ class Upscaler:
         compile: bool = False,
         cpu_bf16: bool = True,
         cpu_winograd: bool = True,
+        descriptor: Any = None,
     ) -> None:
         if not path.is_file():
             raise ModelUnavailable(
@@ -139,73 +211,102 @@ class Upscaler:
 
         self.name = name
         self._path = path
+        self._device = device
         self._torch_device = torch.device(device.device)
         self._compile = compile
-        self.dtype = torch.float32  # what the model takes as input
-        self.precision = "float32"  # how it computes: float32 | bfloat16 | float16 | bf16-mixed
-        self.convolutions = "direct"  # how 3x3 convolutions run: direct (oneDNN/cuDNN) | winograd
-        half: Any = getattr(torch, device.half_dtype) if device.half_dtype else None
-        self._descriptor: Any = self._load(torch.float32)
-        self._winograd = device.device == "cpu" and cpu_winograd and not compile
-        if self._winograd:
-            from imgsvc.models.upscale.cpu import build as winograd_build
-
-            self._winograd = winograd_build.available()  # the kernels built for this CPU
-        if half == torch.bfloat16 and self._descriptor.supports_bfloat16:
-            self._set_dtype(torch.bfloat16)
-        elif half is not None and self._descriptor.supports_half:
-            self._set_dtype(torch.float16)
-        elif cpu_bf16 and device.device == "cpu" and cpu_has_native_bf16():
-            self._use_cpu_bf16()
-        if self.precision == "float32":
-            self._use_winograd()
-        self.scale: int = self._descriptor.scale
-        self.architecture: str = self._descriptor.architecture.name
+        self._cpu_winograd = cpu_winograd
+        self._lock = threading.Lock()  # held to change the mode or the tile cap
+        loaded = self._prepare(self._read() if descriptor is None else descriptor)
+        self.scale: int = loaded.scale
+        self.architecture: str = loaded.architecture.name
+        path_name = expected_convolution_path(
+            self.architecture,
+            device,
+            cpu_bf16=cpu_bf16,
+            cpu_winograd=cpu_winograd,
+            compile=compile,
+            supports_half=loaded.supports_half,
+            supports_bfloat16=loaded.supports_bfloat16,
+        )
+        self._mode = self._enter(loaded, path_name)
         self.context, self.blend = NEAR_SIGHTED.get(self.architecture, (CONTEXT, BLEND))
         self._cpu_tile = tile
         self._tile_cap = TILE_CEILING  # lowered for good after an out-of-memory retry
 
-    def _load(self, dtype: Any) -> Any:
-        import torch
-        from spandrel import ImageModelDescriptor, ModelLoader
+    @property
+    def dtype(self) -> Any:
+        """The torch dtype the model takes as input."""
+        return self._mode.dtype
 
-        descriptor = ModelLoader().load_from_file(self._path)
-        if not isinstance(descriptor, ImageModelDescriptor) or descriptor.purpose == "FaceSR":
-            raise ModelUnavailable(f"{self._path.name} is not a single-image upscaling model")
-        if descriptor.input_channels != 3 or descriptor.output_channels != 3:
-            raise ModelUnavailable(f"{self._path.name} is not an RGB model")
-        descriptor.to(self._torch_device).to(dtype).eval()
+    @property
+    def precision(self) -> str:
+        return self._mode.precision
+
+    @property
+    def convolution_path(self) -> str:
+        """How the model runs now (see expected_convolution_path)."""
+        return self._mode.convolution_path
+
+    @property
+    def convolutions(self) -> str:
+        """How its 3x3 convolutions run: "winograd" (our kernels) or "direct" (oneDNN/cuDNN)."""
+        return "winograd" if self._mode.convolution_path == "winograd-fp32" else "direct"
+
+    @property
+    def _descriptor(self) -> Any:  # the loaded model, for bench/upscale.py
+        return self._mode.descriptor
+
+    def _read(self) -> Any:
+        from spandrel import ModelLoader
+
+        return ModelLoader().load_from_file(self._path)
+
+    def _prepare(self, descriptor: Any) -> Any:
+        """A loaded model checked, then on the device in fp32, channels_last, compiled if asked."""
+        import torch
+
+        from imgsvc.models.upscale import catalog
+
+        why = catalog.problem(descriptor, self._path.name)
+        if why:
+            raise ModelUnavailable(why)
+        descriptor.to(self._torch_device).to(torch.float32).eval()
         descriptor.model.to(memory_format=torch.channels_last)
         if self._compile:
             descriptor.model.compile(dynamic=True)  # in place: __call__ runs compiled
         return descriptor
 
-    def _set_dtype(self, dtype: Any) -> None:
-        self._descriptor.to(dtype)
-        self.dtype = dtype
-        self.precision = str(dtype).removeprefix("torch.")
+    def _load(self) -> Any:
+        return self._prepare(self._read())
 
-    def _use_cpu_bf16(self) -> None:
-        """bf16 for the architectures where it was measured to hold; others stay fp32."""
+    def _enter(self, descriptor: Any, path_name: str) -> _Mode:
+        """The prepared fp32 `descriptor` set up to run as `path_name`; fp32 where the model's
+        structure does not fit the bf16 mix."""
         import torch
 
         from imgsvc.models.upscale import mixed_bf16
 
-        architecture = self._descriptor.architecture.name
-        if architecture in CPU_BF16_ARCHS:
-            if not self._winograd:
-                self._set_dtype(torch.bfloat16)
-        elif architecture in CPU_MIXED_BF16_ARCHS and mixed_bf16.mix(self._descriptor.model):
-            self.precision = "bf16-mixed"
+        if path_name in _REDUCED:
+            dtype = getattr(torch, _REDUCED[path_name])
+            descriptor.to(dtype)
+            return _Mode(descriptor, dtype, _REDUCED[path_name], path_name)
+        if path_name == "mixed-bf16" and mixed_bf16.mix(descriptor.model):
+            return _Mode(descriptor, torch.float32, "bf16-mixed", path_name)
+        return self._fp32(descriptor)
 
-    def _use_winograd(self) -> None:
-        """fp32 3x3 convolutions on CPU as Winograd F(6,3), where allowed and the kernels build."""
+    def _fp32(self, descriptor: Any) -> _Mode:
+        """fp32, with the 3x3 convolutions as Winograd F(6,3) where allowed and they convert."""
+        import torch
+
         from imgsvc.models.upscale.cpu import winograd
 
-        model = self._descriptor.model
-        if self._winograd and winograd.convert(model):
-            self.convolutions = "winograd"
-            winograd.fuse_compact_tail(model)
+        path_name = _fp32_path(self._device, cpu_winograd=self._cpu_winograd, compile=self._compile)
+        if path_name == "winograd-fp32":
+            if winograd.convert(descriptor.model):
+                winograd.fuse_compact_tail(descriptor.model)
+            else:
+                path_name = "onednn-fp32"
+        return _Mode(descriptor, torch.float32, "float32", path_name)
 
     # -- public API ------------------------------------------------------------------------
     def native_size(self, size: tuple[int, int]) -> tuple[int, int]:
@@ -251,7 +352,7 @@ class Upscaler:
             with torch.inference_mode():
                 blender.run(jobs, lambda job: self._tile(data, job))
         finally:
-            if self.convolutions == "winograd":
+            if self.convolution_path == "winograd-fp32":
                 from imgsvc.models.upscale.cpu import winograd
 
                 winograd.release_workspace()  # reused across tiles, not kept between requests
@@ -293,7 +394,8 @@ class Upscaler:
             half = max(batch.shape[-2:]) // 2
             if half < TILE_FLOOR:
                 raise
-            self._tile_cap = min(self._tile_cap, half)
+            with self._lock:
+                self._tile_cap = min(self._tile_cap, half)
             log.warning("%s: out of GPU memory, tiles now at most %d px", self.name, half)
             return self.split_forward(batch, half)
 
@@ -314,27 +416,33 @@ class Upscaler:
         return out
 
     def _checked(self, batch: Any) -> Any:
-        """Run in the current dtype; fall back to fp32 (for good) on a non-finite/black result."""
+        """Run in the current mode; fall back to fp32 (for good) on a non-finite/black result."""
         import torch
 
-        x = batch.to(self.dtype).contiguous(memory_format=torch.channels_last)
-        y = self._descriptor(x).float()
-        if self.precision == "float32" or _plausible(batch, y):
+        mode = self._mode  # read once: a switch meanwhile cannot pair one model with another dtype
+        x = batch.to(mode.dtype).contiguous(memory_format=torch.channels_last)
+        y = mode.descriptor(x).float()
+        if mode.precision == "float32" or _plausible(batch, y):
             return y
-        log.warning(
-            "%s: %s output was non-finite or black; using float32", self.name, self.precision
-        )
-        self._descriptor = self._load(torch.float32)
-        self.dtype = torch.float32
-        self.precision = "float32"
-        self.convolutions = "direct"
-        self._use_winograd()  # a CPU model that left bf16 still gets the fast fp32 path
+        self._fall_back_to_fp32(mode)
         return self._checked(batch)
+
+    def _fall_back_to_fp32(self, failed: _Mode) -> None:
+        """Reload in fp32 for good, once: a thread that saw `failed` after another thread had
+        switched already just runs again in the new mode."""
+        with self._lock:
+            if self._mode is not failed:
+                return
+            log.warning(
+                "%s: %s output was non-finite or black; using float32", self.name, failed.precision
+            )
+            self._mode = self._fp32(self._load())  # a CPU model that left bf16 gets Winograd
 
 
 def cpu_kind(*, cpu_bf16: bool, cpu_winograd: bool) -> str:
-    """How the known models run on this host's CPU, for the measured figures in
-    upscale_catalog: "bf16" (native bf16), "fp32-winograd" or "fp32" (oneDNN direct)."""
+    """How the known models run on this host's CPU, for the measured figures of
+    catalog.CPU_SECONDS_PER_INPUT_MP: "bf16" (native bf16), "fp32-winograd" or "fp32" (oneDNN
+    direct)."""
     from imgsvc.models.upscale.cpu import build as winograd_build
 
     if cpu_bf16 and cpu_has_native_bf16():

@@ -1,18 +1,14 @@
 """bf16 for RRDBNet (ESRGAN, Real-ESRGAN x4plus / x4plus-anime) on CPU, without most of its loss.
 
-Run wholly in bf16, x4plus is 2x faster on an AVX512-BF16 CPU but lands at ~46 dB PSNR against
-fp32 on a photo: its 23 residual-in-residual blocks add small updates (`x + 0.2 * f(x)`) to a
-running feature map, and rounding that map to bf16's 8-bit mantissa 69 times is where most of
-the error comes from. Here every dense block computes `f(x)` in bf16 (its five convolutions,
-~93 % of x4plus's FLOPs) but returns `x + 0.2 * f(x)` in fp32, so the residual stream, the
-first convolution and the trunk's closing convolution stay fp32; the upsampling tail (convs at
-2x and 4x resolution) runs in bf16 behind one cast. Measured on 128x128 crops with 2 threads
-(AVX512-BF16, `tests/test_upscale_engine.py` checks the PSNR floor):
-
-| model | fp32 | all bf16 | this |
-|---|---|---|---|
-| x4plus, photo | 3.3 s | 1.5 s, 46.1 dB | 1.65 s, 49.7 dB |
-| x4plus-anime, photo / anime | 1.05 s | 0.50 s, 49.4 / 53.8 dB | 0.54 s, 51.2 / 53.4 dB |
+Run wholly in bf16, x4plus is much faster on an AVX512-BF16 CPU but strays further from fp32
+on a photo than we accept: its 23 residual-in-residual blocks add small updates
+(`x + 0.2 * f(x)`) to a running feature map, and rounding that map to bf16's 8-bit mantissa
+69 times is where most of the error comes from. Here every dense block computes `f(x)` in bf16
+(its five convolutions, most of x4plus's FLOPs) but returns `x + 0.2 * f(x)` in fp32, so the
+residual stream, the first convolution and the trunk's closing convolution stay fp32; the
+upsampling tail (convs at 2x and 4x resolution) runs in bf16 behind one cast. That keeps almost
+all of the all-bf16 speed-up and much of fp32's accuracy (figures in BENCHMARKS.md;
+`tests/test_upscale_engine.py` checks a PSNR floor against fp32).
 
 The structure is checked first; any other model is left alone (`mix` returns False).
 """

@@ -9,46 +9,28 @@ from __future__ import annotations
 
 import io
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
 from PIL import Image
 
 from imgsvc import images
-from imgsvc.cutout import presets
-from imgsvc.cutout.layout import (
-    Layout,
+from imgsvc.models.background.remover import BackgroundRemover
+from imgsvc.operations.cutout import presets
+from imgsvc.operations.cutout.layout import (
     Placed,
     clear_transparent,
     fill_background,
     fit_pixels,
     place,
 )
-from imgsvc.cutout.options import NO_MARGIN, PREVIEW_PIXELS, RGBA, Size
-from imgsvc.cutout.presets import Preset
-from imgsvc.models.background.remover import BackgroundRemover, CutoutOptions
+from imgsvc.operations.cutout.options import PREVIEW_PIXELS
+from imgsvc.operations.cutout.spec import CutoutSpec
 
-ResultFormat = Literal["auto", "png", "webp", "jpg", "zip"]
-Channels = Literal["rgba", "alpha"]
 ZIP_MEDIA_TYPE = "application/zip"
 # A mask covering less than this share of the frame is "empty", more than 1 - it "full".
 USELESS_COVERAGE = 0.005
-_PLAIN = Layout(False, NO_MARGIN, None, None)
-
-
-@dataclass(frozen=True)
-class RemovalOptions:
-    size: Size = "full"
-    format: ResultFormat = "png"
-    channels: Channels = "rgba"
-    bg_color: RGBA | None = None
-    bg_image: Image.Image | None = None
-    layout: Layout = _PLAIN
-    roi: tuple[int, int, int, int] | None = None  # in input pixels
-    cutout: CutoutOptions = field(default_factory=CutoutOptions)
-    preset: Preset | None = None
-    quality: int = 90
 
 
 @dataclass(frozen=True)
@@ -63,32 +45,35 @@ class Removal:
     compliance: list[str] | None  # None without a preset; [] = passes
 
 
-def expected_size(input_size: tuple[int, int], options: RemovalOptions) -> tuple[int, int]:
+def expected_size(input_size: tuple[int, int], spec: CutoutSpec) -> tuple[int, int]:
     """The output size known before the work (crop can only make it smaller)."""
-    size = options.layout.canvas or input_size
-    if options.size == "preview":
+    size = spec.canvas or input_size
+    if spec.size == "preview":
         return _fit_size(size, PREVIEW_PIXELS)
     return size
 
 
-def remove_background(
-    engine: BackgroundRemover, img: Image.Image, options: RemovalOptions
-) -> Removal:
-    work = fit_pixels(img, PREVIEW_PIXELS) if options.size == "preview" else img
-    roi = _scaled_roi(options.roi, img.size, work.size)
-    mask = _mask(engine, work, roi, post_process=options.cutout.post_process_mask)
+def remove_background(engine: BackgroundRemover, img: Image.Image, spec: CutoutSpec) -> Removal:
+    work = fit_pixels(img, PREVIEW_PIXELS) if spec.size == "preview" else img
+    roi = _scaled_roi(spec.roi, img.size, work.size)
+    mask = _mask(engine, work, roi, post_process=spec.post_process_mask)
     coverage = _coverage(mask, roi)
-    cut = clear_transparent(engine.cutout(work, mask, options.cutout))
-    layout = options.layout
-    if layout.canvas is not None:
-        canvas = expected_size(layout.canvas, options)
-        layout = Layout(layout.crop, layout.margin, layout.scale, layout.position, canvas)
-    placed = place(cut, layout)
-    if options.size == "preview":
+    cutout = engine.cutout(
+        work,
+        mask,
+        alpha_matting=spec.alpha_matting,
+        foreground_threshold=spec.foreground_threshold,
+        background_threshold=spec.background_threshold,
+        erode_size=spec.erode_size,
+        decontaminate=spec.decontaminate,
+    )
+    layout = spec if spec.canvas is None else replace(spec, canvas=expected_size(spec.canvas, spec))
+    placed = place(clear_transparent(cutout), layout)
+    if spec.size == "preview":
         placed = _fit_placed(placed, PREVIEW_PIXELS)
-    body, fmt, media = _encode(placed.image, options)
+    body, fmt, media = _encode(placed.image, spec)
     compliance = (
-        None if options.preset is None else presets.check(options.preset, body, placed.subject_box)
+        None if spec.preset is None else presets.check(spec.preset, body, placed.subject_box)
     )
     return Removal(
         body=body,
@@ -159,20 +144,20 @@ def _fit_placed(placed: Placed, max_pixels: int) -> Placed:
 
 
 def _encode(
-    image: Image.Image, options: RemovalOptions
+    image: Image.Image, spec: CutoutSpec
 ) -> tuple[bytes, Literal["png", "webp", "jpg", "zip"], str]:
-    composed = fill_background(image, options.bg_color, options.bg_image)
-    srgb = options.preset is not None and options.preset.require_srgb
-    if options.format == "zip":
-        return _zip(composed, options.quality), "zip", ZIP_MEDIA_TYPE
+    composed = fill_background(image, spec.bg_color, spec.bg_image)
+    srgb = spec.preset is not None and spec.preset.require_srgb
+    if spec.format == "zip":
+        return _zip(composed, spec.quality), "zip", ZIP_MEDIA_TYPE
     fmt: images.OutputFormat
-    if options.format == "auto":
+    if spec.format == "auto":
         opaque = composed.getchannel("A").getextrema() == (255, 255)
-        fmt = "jpg" if opaque or options.channels == "alpha" else "png"
+        fmt = "jpg" if opaque or spec.channels == "alpha" else "png"
     else:
-        fmt = options.format
-    out = composed.getchannel("A") if options.channels == "alpha" else composed
-    body = images.encode(out, fmt, quality=options.quality, srgb_profile=srgb)
+        fmt = spec.format
+    out = composed.getchannel("A") if spec.channels == "alpha" else composed
+    body = images.encode(out, fmt, quality=spec.quality, srgb_profile=srgb)
     return body, fmt, images.MEDIA_TYPES[fmt]
 
 

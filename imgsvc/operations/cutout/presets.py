@@ -14,8 +14,8 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageCms
 
-from imgsvc.cutout.options import RGBA
 from imgsvc.errors import InvalidInput
+from imgsvc.operations.cutout.options import RGBA
 
 PresetName = Literal["amazon", "etsy", "ebay", "shopify", "square"]
 WHITE: RGBA = (255, 255, 255, 255)

@@ -4,8 +4,9 @@ Built with the machine's C compiler (`$CC`, else cc, gcc or clang) at `-O3 -marc
 so the transforms use the widest vectors this CPU has. The library is cached under
 `IMGSVC_KERNEL_CACHE` (default `~/.cache/imgsvc/kernels`, or the temp folder when home is not
 writable), named by a hash of the source, compiler, flags and CPU, and written atomically, so
-concurrent workers and later starts reuse it (~1 s to build). Without a compiler `available()`
-is False and upscaling keeps oneDNN's direct convolutions.
+concurrent workers and later starts reuse it. The first use builds it lazily; `build_kernels()`
+(`imgsvc kernels build`, the Dockerfile) builds it ahead of time. Without a compiler
+`available()` is False and upscaling keeps oneDNN's direct convolutions.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ _FLAG_SETS = (
     _FLAGS,  # compilers without -march=native
 )
 _lock = threading.Lock()
-_library: ctypes.CDLL | None = None
+_loaded: tuple[ctypes.CDLL, Path] | None = None  # the library and the file it was loaded from
 _failure: str | None = None
 _cache_dir: Path | None = None  # Settings.kernel_cache, else $IMGSVC_KERNEL_CACHE, else home
 
@@ -52,21 +53,32 @@ def available() -> bool:
 
 def library() -> ctypes.CDLL:
     """The loaded kernels; built on first use. Raises KernelUnavailable (remembered)."""
-    global _library, _failure
-    if _library is not None:
-        return _library
+    return _load()[0]
+
+
+def build_kernels() -> Path:
+    """Build the kernels for this CPU (or find them in the cache), load them and return the
+    library's path. Raises KernelUnavailable with the reason."""
+    return _load()[1]
+
+
+def _load() -> tuple[ctypes.CDLL, Path]:
+    global _loaded, _failure
+    if _loaded is not None:
+        return _loaded
     import torch  # noqa: F401  (loaded first, so the kernels bind to torch's OpenMP runtime)
 
     with _lock:
-        if _library is None and _failure is None:
+        if _loaded is None and _failure is None:
             try:
-                _library = _bind(ctypes.CDLL(str(_build())))
+                path = _build()
+                _loaded = (_bind(ctypes.CDLL(str(path))), path)
             except (KernelUnavailable, OSError) as exc:
                 _failure = str(exc)
                 log.warning("winograd kernels unavailable (%s); using oneDNN convolutions", exc)
-        if _library is None:
+        if _loaded is None:
             raise KernelUnavailable(_failure or "not built")
-        return _library
+        return _loaded
 
 
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -171,7 +183,11 @@ def _build() -> Path:
         os.close(fd)
         command = [*compiler.split(), *flags, "-shared", "-fPIC", "-pthread"]
         command += [str(SOURCE), "-o", partial]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        except subprocess.TimeoutExpired:
+            os.unlink(partial)
+            raise KernelUnavailable(f"{compiler} took over 120 s to build {SOURCE.name}") from None
         if done.returncode == 0:
             os.replace(partial, target)  # atomic: a concurrent build writes the same bytes
             log.info("built winograd kernels: %s", target)

@@ -13,22 +13,27 @@ pixel; oneDNN runs that near the cores' fp32 peak and still loses to ncnn, which
    convolution (PReLU, LeakyReLU, ReLU), written straight into the NHWC output.
 
 Steps 1 and 3 are C (`winograd_kernels.c`, compiled for this CPU at first use and cached, see
-`winograd_build.py`) on torch's OpenMP threads. A plain convolution runs all three steps fused
-in C (`wino_conv`): each thread takes CHUNK_TILES tiles at a time through them in its own cache,
+`build.py`) on torch's OpenMP threads. A plain convolution runs all three steps fused in C
+(`wino_conv`): each thread takes CHUNK_TILES tiles at a time through them in its own cache,
 with the products in our own register-blocked kernel (MKL's sgemm from torch's library for
 output channels off its vector width). Dense blocks run in bands of tile rows that stay in
 cache (BAND_BYTES), with one `torch.bmm` per band.
 The matrices are Lavin & Gray's F(6,3) (the points 0, ±1, ±2, ±1/2, ∞, as in ncnn and NNPACK);
-the result matches oneDNN's direct convolution to ~1e-5 relative. `convert` swaps every
-eligible `Conv2d` (3x3, stride 1, padding 1, no groups, at least MIN_CHANNELS out) of a
-model, fusing the activation after it when it is the next module of a `Sequential` (or of
-Compact's body), and ESRGAN's dense blocks whole (WinogradDenseBlock);
-`fuse_compact_tail` does Compact's pixel shuffle and residual in one pass. Any other input
-(not fp32, not on CPU, autograd) runs the original modules.
+the result matches oneDNN's direct convolution within fp32 rounding (tests/test_winograd.py
+checks it). `convert` swaps every eligible `Conv2d` (3x3, stride 1, padding 1, no groups, at
+least MIN_CHANNELS out) of a model, fusing the activation after it when it is the next module
+of a `Sequential` (or of Compact's body), and ESRGAN's dense blocks whole (WinogradDenseBlock);
+`fuse_compact_tail` does Compact's pixel shuffle and residual in one pass.
+
+Any other input (not fp32, not on CPU, not 4-D, autograd) runs the original modules, and so does
+a call whose buffers are not what the C code assumes (checked before every C call) or whose C
+function fails: the failure is logged once per process and kind, never raised.
 """
 
 from __future__ import annotations
 
+import ctypes
+import logging
 import threading
 from typing import cast
 
@@ -38,18 +43,19 @@ from torch import nn
 
 from imgsvc.models.upscale.cpu import build as kernels
 
+log = logging.getLogger(__name__)
+
 # Fewer output channels than this and the output transform costs more than the products it
 # saves (a model's 3-channel first convolution still gains: oneDNN is slow on 3-channel NHWC).
 MIN_CHANNELS = 16
 TILE = 6  # output pixels per tile edge; the input tile is 8 (TILE + 3 - 1)
 # A convolution runs in bands of tile rows whose transformed input (and output) take at most
-# this much, so they stay in cache between the three steps: at 512x512 one pass over the whole
-# image (120 MB each) made the transforms 3x slower per tile than at 128x128.
+# this much, so they stay in cache between the three steps (one pass over a whole large image
+# makes the transforms much slower per tile: their data no longer fits in cache).
 BAND_BYTES = 8 * 2**20
 # A plain convolution runs fused instead (wino_conv): each thread takes CHUNK_TILES tiles at a
 # time through transform, products and output transform, so they never leave its own L2
-# (V and M for 32 tiles of 64 -> 64 channels: 1 MiB). 1.3x faster than the bands on a 2-core
-# Zen 4 for animevideov3 (47 vs 62-69 ms at 128x128), 1.28x with the AVX2 build there.
+# (V and M for 32 tiles of 64 -> 64 channels: 1 MiB); faster than the bands (BENCHMARKS.md).
 FUSED = True
 CHUNK_TILES = 32
 
@@ -75,6 +81,73 @@ def transform_weight(weight: torch.Tensor) -> torch.Tensor:
     return u.reshape(64, weight.shape[1], weight.shape[0]).float().contiguous()
 
 
+class KernelFailure(Exception):
+    """A kernel call that must not run (its buffers are not what the C code assumes) or that
+    returned an error; the module computes that call with its original torch modules."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(f"{kind} ({detail})")
+        self.kind = kind
+
+
+_warned: set[str] = set()  # kinds of failure logged so far
+_warned_lock = threading.Lock()
+
+
+def _warn_once(failure: KernelFailure) -> None:
+    with _warned_lock:
+        if failure.kind in _warned:
+            return
+        _warned.add(failure.kind)
+    log.warning("winograd kernels: %s; running torch's modules instead (said once)", failure)
+
+
+def _lib() -> ctypes.CDLL:
+    try:
+        return kernels.library()
+    except kernels.KernelUnavailable as exc:
+        raise KernelFailure("kernels unavailable", str(exc)) from None
+
+
+def _status(function: str, status: int) -> None:
+    if status != 0:
+        raise KernelFailure(f"{function} failed", f"status {status}")
+
+
+def _require(ok: bool, function: str, what: str) -> None:
+    if not ok:
+        raise KernelFailure(f"{function}: unexpected arguments", what)
+
+
+def _float_cpu(t: torch.Tensor) -> bool:
+    return t.dtype == torch.float32 and t.device.type == "cpu"
+
+
+def _buffer(t: torch.Tensor, shape: tuple[int, ...], function: str, name: str) -> None:
+    """`t` as the C code reads or writes it: contiguous float32 on CPU, exactly `shape`."""
+    if _float_cpu(t) and t.is_contiguous() and tuple(t.shape) == shape:
+        return
+    layout = "contiguous" if t.is_contiguous() else "not contiguous"
+    what = f"{name}: {t.dtype} {t.device.type} {tuple(t.shape)} {layout}, needs float32 {shape}"
+    _require(False, function, what)
+
+
+def _nhwc(
+    t: torch.Tensor, function: str, name: str, channels: int | None = None
+) -> tuple[int, int, int, int]:
+    """(n, h, w, c) of a contiguous float32 NHWC image on CPU with `channels` channels."""
+    _require(t.dim() == 4, function, f"{name}: {t.dim()}-D, needs (n, h, w, c)")
+    n, height, width, c = t.shape
+    _buffer(t, (n, height, width, c if channels is None else channels), function, name)
+    return n, height, width, c
+
+
+def _band(band: tuple[int, int], n: int, height: int, function: str) -> None:
+    rows = n * tiles_across(height)
+    ok = 0 <= band[0] <= band[1] <= rows
+    _require(ok, function, f"band {band} outside tile rows [0, {rows})")
+
+
 _scratch = threading.local()
 
 
@@ -88,7 +161,7 @@ def _workspace(name: str, numel: int) -> torch.Tensor:
 
 
 def release_workspace() -> None:
-    """Free this thread's transform buffers (tens of MB for a 256 px tile)."""
+    """Free this thread's transform buffers (they grow with the tile size)."""
     _scratch.__dict__.pop("buffers", None)
 
 
@@ -111,9 +184,15 @@ class WinogradConv2d(nn.Module):
         self.register_buffer("slope", _slope(activation, out_channels), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not runs_here(x):
-            out: torch.Tensor = self.activation(self.conv(x))
-            return out
+        if runs_here(x) and x.shape[1] == self.conv.in_channels:
+            try:
+                return self._winograd(x)
+            except KernelFailure as failure:
+                _warn_once(failure)
+        out: torch.Tensor = self.activation(self.conv(x))
+        return out
+
+    def _winograd(self, x: torch.Tensor) -> torch.Tensor:
         n, channels, height, width = x.shape
         nhwc = x.permute(0, 2, 3, 1).contiguous()  # free for channels_last input
         y = torch.empty((n, height, width, self.conv.out_channels))
@@ -134,24 +213,37 @@ class WinogradConv2d(nn.Module):
     def fusable(self) -> bool:
         """Products in our own kernel (output channels a multiple of its vector width), else
         MKL's sgemm when torch carries MKL."""
-        width = kernels.library().wino_vector_width()
+        width = _lib().wino_vector_width()
         return self.conv.out_channels % width == 0 or kernels.blas() is not None
+
+    def _check_weights(self, function: str) -> None:
+        """The transformed weight, bias and slopes are still float32 of this convolution's
+        shape (a model moved to another dtype after conversion converts them too)."""
+        cin, cout = self.conv.in_channels, self.conv.out_channels
+        _buffer(self.u, (64, cin, cout), function, "weight")
+        _buffer(self.b, (cout,), function, "bias")
+        _buffer(self.slope, (cout,), function, "slope")
 
     def fused(self, nhwc: torch.Tensor, y: torch.Tensor) -> None:
         """All three steps in C, each thread taking CHUNK_TILES tiles at a time through them
         while they stay in its own cache (wino_conv)."""
-        lib = kernels.library()
-        n, height, width, cin = nhwc.shape
-        cout, threads = self.conv.out_channels, torch.get_num_threads()
+        lib = _lib()
+        cin, cout = self.conv.in_channels, self.conv.out_channels
+        n, height, width, _ = _nhwc(nhwc, "wino_conv", "x", cin)
+        _buffer(y, (n, height, width, cout), "wino_conv", "y")
+        self._check_weights("wino_conv")
+        gemm = kernels.blas()
+        own = cout % lib.wino_vector_width() == 0
+        _require(own or gemm is not None, "wino_conv", f"{cout} outputs need sgemm, none found")
+        _require(CHUNK_TILES >= 1, "wino_conv", f"CHUNK_TILES = {CHUNK_TILES}")
+        threads = torch.get_num_threads()
         scratch = _workspace("conv", threads * lib.wino_conv_scratch(cin, cout, CHUNK_TILES))
-        gemm = kernels.blas() or (0, 0)
         dims = (n, height, width, cin, cout, CHUNK_TILES)
         pointers = (nhwc.data_ptr(), self.u.data_ptr(), self.b.data_ptr(), self.slope.data_ptr())
         status = lib.wino_conv(
-            *pointers, 0, 1.0, y.data_ptr(), *dims, scratch.data_ptr(), *gemm, threads
+            *pointers, 0, 1.0, y.data_ptr(), *dims, scratch.data_ptr(), *(gemm or (0, 0)), threads
         )
-        if status != 0:
-            raise MemoryError("winograd convolution: out of memory")
+        _status("wino_conv", status)
 
     def finish(
         self,
@@ -163,20 +255,28 @@ class WinogradConv2d(nn.Module):
     ) -> None:
         """Products and output transform of the band's transformed input `v` (64, tiles, Cin;
         rows may be strided) into its pixels of y (NHWC): act(conv) [· scale + residual]."""
-        cout = self.conv.out_channels
-        m = _workspace("m", v.shape[0] * v.shape[1] * cout).view(v.shape[0], v.shape[1], cout)
+        lib = _lib()
+        cin, cout = self.conv.in_channels, self.conv.out_channels
+        n, height, width, _ = _nhwc(y, "wino_output", "y", cout)
+        _band(band, n, height, "wino_output")
+        tiles = (band[1] - band[0]) * tiles_across(width)
+        ok = _float_cpu(v) and tuple(v.shape) == (64, tiles, cin)
+        _require(ok, "wino_output", f"v: {v.dtype} {tuple(v.shape)}, needs (64, {tiles}, {cin})")
+        if residual is not None:
+            _buffer(residual, tuple(y.shape), "wino_output", "residual")
+        self._check_weights("wino_output")
+        m = _workspace("m", 64 * tiles * cout).view(64, tiles, cout)
         torch.bmm(v, self.u, out=m)
         res = 0 if residual is None else residual.data_ptr()
         pointers = (m.data_ptr(), self.b.data_ptr(), self.slope.data_ptr(), res, scale)
-        n, height, width, _ = y.shape
         dims = (n, height, width, cout, *band, torch.get_num_threads())
-        if kernels.library().wino_output(*pointers, y.data_ptr(), *dims) != 0:
-            raise MemoryError("winograd output transform: out of memory")
+        _status("wino_output", lib.wino_output(*pointers, y.data_ptr(), *dims))
 
 
 def runs_here(x: torch.Tensor) -> bool:
-    """Inputs the kernels take: fp32 on CPU, no autograd. Anything else runs the originals."""
-    return x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled()
+    """Inputs the kernels take: fp32 (N, C, H, W) on CPU, no autograd. Anything else runs the
+    original modules."""
+    return _float_cpu(x) and x.dim() == 4 and not torch.is_grad_enabled()
 
 
 def tiles_across(pixels: int) -> int:
@@ -188,13 +288,18 @@ def transform_input(
     nhwc: torch.Tensor, v: torch.Tensor, offset: int, band: tuple[int, int]
 ) -> None:
     """The transform of tile rows [band) of `nhwc` (contiguous (n, h, w, C)) into channels
-    [offset, offset + C) of v (64, band tiles, total channels)."""
-    n, height, width, channels = nhwc.shape
-    assert nhwc.is_contiguous() and v.is_contiguous()
-    assert v.shape[1] == (band[1] - band[0]) * tiles_across(width)
-    args = (n, height, width, channels, offset, v.shape[2], *band, torch.get_num_threads())
-    if kernels.library().wino_input(nhwc.data_ptr(), v.data_ptr(), *args) != 0:
-        raise MemoryError("winograd input transform: out of memory")
+    [offset, offset + C) of v (64, band tiles, total channels). Raises KernelFailure, before
+    calling C, for buffers that are not so."""
+    lib = _lib()
+    n, height, width, channels = _nhwc(nhwc, "wino_input", "x")
+    _band(band, n, height, "wino_input")
+    tiles = (band[1] - band[0]) * tiles_across(width)
+    total = v.shape[-1] if v.dim() == 3 else 0
+    _buffer(v, (64, tiles, total), "wino_input", "v")
+    ok = offset >= 0 and offset + channels <= total
+    _require(ok, "wino_input", f"channels [{offset}, {offset + channels}) of {total}")
+    args = (n, height, width, channels, offset, total, *band, torch.get_num_threads())
+    _status("wino_input", lib.wino_input(nhwc.data_ptr(), v.data_ptr(), *args))
 
 
 class WinogradDenseBlock(nn.Module):
@@ -202,7 +307,8 @@ class WinogradDenseBlock(nn.Module):
     block input and all earlier outputs) with the concatenation kept in the Winograd domain:
     the transform is linear and per channel, so each feature map is transformed once into its
     channel slice of one buffer and every convolution multiplies a prefix of it (no torch.cat,
-    3.3x fewer input transforms); the residual is added in the last output transform."""
+    and no map transformed again for each later convolution); the residual is added in the last
+    output transform."""
 
     def __init__(self, block: nn.Module) -> None:
         super().__init__()
@@ -213,12 +319,19 @@ class WinogradDenseBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not runs_here(x):
-            out: torch.Tensor = self.block(x)
-            return out
+        convs = [cast(WinogradConv2d, conv) for conv in self.convs]
+        if runs_here(x) and x.shape[1] == convs[0].conv.in_channels:
+            try:
+                return self._winograd(x, convs)
+            except KernelFailure as failure:
+                _warn_once(failure)
+        out: torch.Tensor = self.block(x)
+        return out
+
+    @staticmethod
+    def _winograd(x: torch.Tensor, convs: list[WinogradConv2d]) -> torch.Tensor:
         n, channels, height, width = x.shape
         band = (0, n * tiles_across(height))  # the whole image: each conv needs all of the last
-        convs = [cast(WinogradConv2d, conv) for conv in self.convs]
         total = convs[-1].conv.in_channels
         v = _workspace("v", 64 * band[1] * tiles_across(width) * total).view(64, -1, total)
         nhwc = x.permute(0, 2, 3, 1).contiguous()
@@ -248,21 +361,29 @@ def fuse_compact_tail(model: nn.Module) -> bool:
         return False
     original = model.forward
 
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        if not runs_here(x) or x.shape[1] != channels:
-            out: torch.Tensor = original(x)
-            return out
+    def tail(x: torch.Tensor) -> torch.Tensor:
         y = x
         for layer in body:
             y = layer(y)
+        lib = _lib()
         n, _, height, width = x.shape
-        y_nhwc = y.permute(0, 2, 3, 1).contiguous()
         x_nhwc = x.permute(0, 2, 3, 1).contiguous()
+        y_nhwc = y.permute(0, 2, 3, 1).contiguous()
+        _buffer(y_nhwc, (n, height, width, channels * scale * scale), "shuffle_add", "body")
         out = torch.empty((n, height * scale, width * scale, channels))
         pointers = (y_nhwc.data_ptr(), x_nhwc.data_ptr(), out.data_ptr())
         dims = (n, height, width, channels, scale, torch.get_num_threads())
-        kernels.library().shuffle_add(*pointers, *dims)
+        _status("shuffle_add", lib.shuffle_add(*pointers, *dims))
         return out.permute(0, 3, 1, 2)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if runs_here(x) and x.shape[1] == channels:
+            try:
+                return tail(x)
+            except KernelFailure as failure:
+                _warn_once(failure)
+        out: torch.Tensor = original(x)
+        return out
 
     model.forward = forward
     return True

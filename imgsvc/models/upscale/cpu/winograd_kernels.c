@@ -6,7 +6,8 @@
  * image (so that its share of `v` and `m` stays in cache); its tiles are split evenly over
  * `threads`: on OpenMP (built with -fopenmp, it shares the runtime and thread pool torch has
  * loaded), else on POSIX threads started per call. Returns 0, or -1 when scratch memory could
- * not be had.
+ * not be had. Nothing here checks its arguments: the callers (winograd.py) check every buffer's
+ * dtype, layout and shape before calling, and on a non-zero status compute that call with torch.
  */
 #include <pthread.h>
 #include <stdlib.h>
@@ -15,7 +16,7 @@
 #define TILE 6
 
 /* The channel loops read and write disjoint streams: say so, so they vectorize without
- * run-time overlap checks (compilers give up on those past ~10 pointer pairs). */
+ * run-time overlap checks (which compilers give up on for this many pointer pairs). */
 #if defined(__clang__)
 #define CHANNELS _Pragma("clang loop vectorize(assume_safety)")
 #elif defined(__GNUC__)
