@@ -8,12 +8,13 @@
    first use with `pip install "rembg[cli,cpu]==2.0.86"`), POST /api/remove, 2 concurrent
    keep-alive clients. U2NET_HOME points at weights/rembg, so nothing is downloaded.
 
-Input: 20 real photos (see PHOTOS) resized to 1024 px on the longer side, JPEG q90. Both
+Input: 20 real photos (DATA_PHOTOS from bench/data/, see bench/data/README.md, and
+scikit-image's bundled SKIMAGE_PHOTOS) resized to 1024 px on the longer side, JPEG q90. Both
 servers run for the whole measurement and the three are measured in turns (3 rounds by
-default), because this VM's speed drifts over tens of seconds: each round's ratios compare
-contenders that met the same machine; the table gives every round and the median ratio.
+default), because a shared machine's speed drifts over tens of seconds: each round's ratios
+compare contenders that met the same machine; the table gives every round and the median ratio.
 
-    python bench/remove_background.py            # the full run (~3-4 min on 2 cores)
+    python bench/remove_background.py            # the full run
     python bench/remove_background.py --quick    # 3 photos at 320 px, 1 round: a smoke run
 """
 
@@ -38,11 +39,12 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = REPO / "weights"
-PEER = REPO.parent / "shared" / "peer"
+DATA = REPO / "bench" / "data"
 REMBG_VENV = REPO / "bench" / ".venv-rembg"
 REMBG_REQUIREMENT = "rembg[cli,cpu]==2.0.86"
-# 20 real photos: rembg's and Real-ESRGAN's sample inputs, and scikit-image's bundled photos.
-PEER_PHOTOS = [
+# 20 real photos: rembg's and Real-ESRGAN's sample inputs (in bench/data/, with their licences)
+# and scikit-image's bundled photos.
+DATA_PHOTOS = [
     "rembg/car-1.jpg",
     "rembg/cloth-1.jpg",
     "realesrgan/0014.jpg",
@@ -73,7 +75,7 @@ def photos(edge: int, count: int) -> list[bytes]:
     """The photos as RGB JPEGs, the longer side resized to `edge`."""
     from skimage import data
 
-    images: list[Image.Image] = [Image.open(PEER / p) for p in PEER_PHOTOS]
+    images: list[Image.Image] = [Image.open(DATA / p) for p in DATA_PHOTOS]
     for name in SKIMAGE_PHOTOS:
         func, _, index = name.rstrip("]").partition("[")
         array = getattr(data, func)()
@@ -248,7 +250,7 @@ def rembg_server(tmp: Path) -> Iterator[Callable[[httpx.Client, bytes], None]]:
     env = {
         **os.environ,
         "U2NET_HOME": str(WEIGHTS / "rembg"),
-        # pymatting's numba kernels compile on rembg's first import (~1 min): cache them.
+        # pymatting's numba kernels compile on rembg's first import: cache them.
         "NUMBA_CACHE_DIR": str(REMBG_VENV / "numba-cache"),
     }
     url = f"http://127.0.0.1:{port}"
