@@ -118,15 +118,8 @@ def prepare(options: InpaintOptions, inputs: InpaintInputs, ctx: Context) -> Pre
         return _prepare_prompt(options, text, source, alpha, ctx)
     eraser = ctx.registry.eraser(options.model)
     priced = quote(options, *img.size, ctx)  # erase: the price a quote gives, by construction
-    return Prepared(
-        operation=OPERATION,
-        model=eraser.name,
-        credits=priced.credits,
-        input_size=img.size,
-        output_size=priced.output_size,
-        price_version=priced.price_version,
-        work=partial(_erase, eraser, source, eraser.plan(alpha), options.format),
-    )
+    work = partial(_erase, eraser, source, eraser.plan(alpha), options.format)
+    return Prepared(priced, eraser.name, img.size, work)
 
 
 def _prepare_prompt(
@@ -144,15 +137,9 @@ def _prepare_prompt(
     credits = ctx.prices.inpaint_cost(
         prompt=True, steps=options.steps, work_pixels=plan.work_pixels
     )
-    return Prepared(
-        operation=OPERATION,
-        model=engine.name,
-        credits=credits,
-        input_size=source.size,
-        output_size=source.size,
-        price_version=ctx.prices.version,
-        work=partial(_repaint, engine, source, plan, options, text, seed),
-    )
+    priced = Quote(OPERATION, credits, source.size, ctx.prices.version)  # exact: the real plan
+    work = partial(_repaint, engine, source, plan, options, text, seed)
+    return Prepared(priced, engine.name, source.size, work)
 
 
 def _hole(

@@ -41,17 +41,27 @@ class Quote:
 class Prepared:
     """A validated call: its engine picked, its price and output size known, nothing done yet."""
 
-    operation: Operation
+    priced: Quote  # what the call costs and produces (exact)
     model: str
-    credits: int
     input_size: tuple[int, int]
-    output_size: tuple[int, int]
-    price_version: str
     work: Callable[[], Result] = field(repr=False)
+
+    @property
+    def operation(self) -> Operation:
+        return self.priced.operation
+
+    @property
+    def credits(self) -> int:
+        return self.priced.credits
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        return self.priced.output_size
+
+    @property
+    def price_version(self) -> str:
+        return self.priced.price_version
 
     def run(self) -> Result:
         """Do the work (blocking; model calls inside). Raises ServiceError on bad input."""
         return self.work()
-
-    def quote(self) -> Quote:
-        return Quote(self.operation, self.credits, self.output_size, self.price_version)

@@ -147,15 +147,7 @@ def prepare(
     spec = resolve(options, img.size, bg)
     priced = quote(options, *img.size, ctx)  # the price a quote gives, by construction
     engine = ctx.registry.background(options.model)
-    return Prepared(
-        operation=OPERATION,
-        model=engine.name,
-        credits=priced.credits,
-        input_size=img.size,
-        output_size=priced.output_size,
-        price_version=priced.price_version,
-        work=partial(_run, engine, img, spec),
-    )
+    return Prepared(priced, engine.name, img.size, partial(_run, engine, img, spec))
 
 
 def _run(engine: BackgroundRemover, img: Image.Image, spec: CutoutSpec) -> Result:

@@ -88,15 +88,8 @@ def prepare(options: UpscaleOptions, inputs: UpscaleInputs, ctx: Context) -> Pre
     engine = ctx.registry.upscaler(options.model)
     _check_native_pass(engine, img.size, priced.output_size, ctx.max_output_pixels)
     faces = ctx.registry.face_enhancer() if options.face_enhance else None
-    return Prepared(
-        operation=OPERATION,
-        model=engine.name,
-        credits=priced.credits,
-        input_size=img.size,
-        output_size=priced.output_size,
-        price_version=priced.price_version,
-        work=partial(_run, engine, faces, img, priced.output_size, options),
-    )
+    work = partial(_run, engine, faces, img, priced.output_size, options)
+    return Prepared(priced, engine.name, img.size, work)
 
 
 def _run(

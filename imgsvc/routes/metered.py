@@ -205,7 +205,7 @@ class ChargedCall:
 
 
 def _quote(prepared: Prepared) -> Response:
-    quote = prepared.quote()
+    quote = prepared.priced
     body = {
         "operation": quote.operation,
         "credits": quote.credits,
