@@ -21,20 +21,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from imgsvc.models.upscale.cpu import build
+from tests.upscale_helpers import has_c_compiler
 from tests.utils import REPO
 
-
-def _has_compiler() -> bool:
-    try:
-        build._compiler()
-    except build.KernelUnavailable:
-        return False
-    return True
-
-
 pytestmark = pytest.mark.skipif(
-    not _has_compiler(), reason="no C compiler: the kernels cannot be built"
+    not has_c_compiler(), reason="no C compiler: the kernels cannot be built"
 )
 
 

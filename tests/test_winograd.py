@@ -24,19 +24,10 @@ from imgsvc.models.upscale.cpu import build as winograd_build
 from imgsvc.models.upscale.cpu import winograd
 from imgsvc.models.upscale.engine import Upscaler
 from imgsvc.models.upscale.tiling import ArraySink
-from tests.upscale_helpers import psnr
+from tests.upscale_helpers import has_c_compiler, psnr
 from tests.utils import DATA, REPO
 
-
-def _has_compiler() -> bool:
-    try:
-        winograd_build._compiler()
-    except winograd_build.KernelUnavailable:
-        return False
-    return True
-
-
-HAS_COMPILER = _has_compiler()
+HAS_COMPILER = has_c_compiler()
 pytestmark = [
     pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler: the kernels cannot be built"),
     pytest.mark.usefixtures("two_torch_threads"),

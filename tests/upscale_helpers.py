@@ -9,9 +9,19 @@ import torch
 from PIL import Image, ImageDraw
 
 from imgsvc.models.device import cpu_has_native_bf16
+from imgsvc.models.upscale.cpu import build
 
 LOGO_COLOUR = (40, 120, 220)
 NATIVE_BF16 = cpu_has_native_bf16()
+
+
+def has_c_compiler() -> bool:
+    """Whether this machine has a compiler the CPU kernels can be built with."""
+    try:
+        build._compiler()
+    except build.KernelUnavailable:
+        return False
+    return True
 
 
 def save_tiny_compact(path: Path, *, scale: int = 2, gain: float = 1.0) -> Path:
