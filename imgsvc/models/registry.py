@@ -118,11 +118,19 @@ class Registry:
     # -- the table -----------------------------------------------------------------------
     def table(self) -> dict[Operation, dict[str, ModelEntry]]:
         """Every model known now (a folder scan; files are described once per version)."""
-        rows = [*self._background_rows(), *self._upscale_rows(), *self._inpaint_rows()]
-        table: dict[Operation, dict[str, ModelEntry]] = {op: {} for op in OPERATIONS}
+        return {op: self.entries(op) for op in OPERATIONS}
+
+    def entries(self, operation: Operation) -> dict[str, ModelEntry]:
+        """The models of one operation, by name (the first of a name wins)."""
+        rows = {
+            "remove-background": self._background_rows,
+            "upscale": self._upscale_rows,
+            "inpaint": self._inpaint_rows,
+        }[operation]()
+        found: dict[str, ModelEntry] = {}
         for row in rows:
-            table[row.operation].setdefault(row.name, row)
-        return table
+            found.setdefault(row.name, row)
+        return found
 
     def _background_rows(self) -> list[ModelEntry]:
         rows = []
@@ -265,7 +273,7 @@ class Registry:
             with lock:  # one loader per model; other models load in parallel
                 engine = self._engines.get(key)
                 if engine is None:
-                    entry = self.table()[operation].get(name)
+                    entry = self.entries(operation).get(name)
                     if entry is None:
                         raise UnknownModel(f"unknown {operation} model {name!r}")
                     engine = self._engines[key] = entry.load()
@@ -275,7 +283,7 @@ class Registry:
 
     def _choose(self, operation: Operation, role: Role, name: str | None) -> str:
         """`name`, or the default of `role`; UnknownModel when no such entry exists."""
-        rows = {n: e for n, e in self.table()[operation].items() if e.role == role}
+        rows = {n: e for n, e in self.entries(operation).items() if e.role == role}
         chosen = name or next((n for n, e in rows.items() if e.default), "")
         if chosen not in rows:
             what = {"prompt": "inpaint"}.get(role, role)
@@ -293,7 +301,7 @@ class Registry:
 
     def upscaler(self, name: str = DEFAULT_UPSCALE_MODEL) -> Upscaler:
         if ("upscale", name) not in self._engines:
-            entry = self.table()["upscale"].get(name)
+            entry = self.entries("upscale").get(name)
             if entry is None and name == DEFAULT_UPSCALE_MODEL:
                 raise ModelUnavailable(
                     f"{name} needs weights/upscale/{name}.safetensors; run `imgsvc weights pull`"
@@ -307,7 +315,7 @@ class Registry:
         return self._engine("upscale", FACE_ENHANCE, FaceEnhancer)
 
     def diffusion(self, name: str | None = None) -> DiffusionInpaintEngine:
-        if not any(e.role == "prompt" for e in self.table()["inpaint"].values()):
+        if not any(e.role == "prompt" for e in self.entries("inpaint").values()):
             raise ModelUnavailable(
                 "prompt inpainting needs a diffusers inpainting pipeline: put a folder with "
                 f"model_index.json (e.g. stable-diffusion-inpainting) under "
