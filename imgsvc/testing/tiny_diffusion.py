@@ -151,19 +151,13 @@ def save_inpaint_pipeline(
     into `dest` and return `dest`."""
     from transformers import CLIPTokenizer
 
-    diffusers: Any = importlib.import_module("diffusers")
+    from imgsvc.models.inpaint.single_file import inpaint_pipeline
+
     with tempfile.TemporaryDirectory(prefix="tiny-clip-tok-") as tmp:
         write_tiny_clip_tokenizer_files(Path(tmp))
         tokenizer = CLIPTokenizer.from_pretrained(tmp, local_files_only=True, model_max_length=77)
-    pipe = diffusers.StableDiffusionInpaintPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+    pipe = inpaint_pipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler
     )
     if dtype is not None:
         pipe.to(dtype=dtype)

@@ -242,6 +242,16 @@ def load_pipeline(path: Path, *, dtype: Any) -> Any:
             raise
         except Exception as exc:  # shapes that do not fit the config, unreadable configs...
             raise ModelUnavailable(f"cannot load {path.name} with {config_dir}: {exc}") from exc
+    return inpaint_pipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler
+    )
+
+
+def inpaint_pipeline(
+    *, vae: Any, text_encoder: Any, tokenizer: Any, unet: Any, scheduler: Any
+) -> Any:
+    """A Stable Diffusion inpainting pipeline of these parts, without a safety checker."""
+    diffusers: Any = importlib.import_module("diffusers")
     return diffusers.StableDiffusionInpaintPipeline(
         vae=vae,
         text_encoder=text_encoder,
