@@ -97,9 +97,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.context = context
-    app.state.prices = context.prices
     app.state.rate_limiter = RateLimiter(settings.default_rate_limit, settings.redis_url)
-    app.state.registry = registry
     # Threads for charged calls, apart from the default pool the database calls use: a call
     # waiting for its device slot must never keep another request from authenticating.
     app.state.call_threads = CapacityLimiter(CALL_THREADS)
@@ -126,7 +124,7 @@ async def _sweep_forever(db: Database, interval: float) -> None:
 
 async def _preload(app: FastAPI) -> None:
     try:
-        await run_in_threadpool(app.state.registry.preload)
+        await run_in_threadpool(app.state.context.registry.preload)
         app.state.models_ready = True
         log.info("models loaded")
     except ServiceError as exc:

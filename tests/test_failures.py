@@ -46,7 +46,7 @@ def test_engine_failure_releases_credits(
         preload_models=False,
     )
     app = create_app(settings)
-    monkeypatch.setattr(app.state.registry, "upscaler", lambda name: ExplodingUpscaler())
+    monkeypatch.setattr(app.state.context.registry, "upscaler", lambda name: ExplodingUpscaler())
     buf = io.BytesIO()
     Image.new("RGB", (8, 8), "blue").save(buf, "PNG")
     with TestClient(app, raise_server_exceptions=False) as client:

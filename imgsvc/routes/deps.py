@@ -11,7 +11,6 @@ from starlette.concurrency import run_in_threadpool
 from imgsvc.billing import keys
 from imgsvc.billing.db import Database
 from imgsvc.billing.keys import KeyInfo
-from imgsvc.billing.pricing import PriceTable
 from imgsvc.config import Settings
 from imgsvc.errors import NotFound, Unauthorized
 from imgsvc.models.registry import Registry
@@ -29,13 +28,8 @@ def _db(request: Request) -> Database:
 
 
 def _registry(request: Request) -> Registry:
-    registry: Registry = request.app.state.registry
+    registry: Registry = request.app.state.context.registry
     return registry
-
-
-def _prices(request: Request) -> PriceTable:
-    prices: PriceTable = request.app.state.prices
-    return prices
 
 
 def _context(request: Request) -> Context:
@@ -44,7 +38,6 @@ def _context(request: Request) -> Context:
 
 
 SettingsDep = Annotated[Settings, Depends(_settings)]
-PricesDep = Annotated[PriceTable, Depends(_prices)]
 DatabaseDep = Annotated[Database, Depends(_db)]
 RegistryDep = Annotated[Registry, Depends(_registry)]
 ContextDep = Annotated[Context, Depends(_context)]

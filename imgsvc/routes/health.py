@@ -36,7 +36,7 @@ async def readyz(request: Request, db: DatabaseDep) -> JSONResponse:
         return JSONResponse({"status": "unready", "reason": state.load_error}, 503)
     if not state.models_ready:
         return JSONResponse({"status": "starting", "reason": "loading models"}, 503)
-    registry = request.app.state.registry
+    registry = request.app.state.context.registry
     models = [
         {"operation": op, "name": name, "convolution_path": path}
         for op, name, path in registry.loaded_models()

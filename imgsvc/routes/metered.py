@@ -108,8 +108,7 @@ async def metered_call(
         if replay is not None:
             headers = {**replay.headers, "Idempotent-Replayed": "true"}
             return Response(replay.body, replay.status, headers, replay.media_type)
-    call = ChargedCall(request, key, prepared, respond or Respond(), idem_key)
-    done = await call.run(request)
+    done = await ChargedCall(request, key, prepared, respond or Respond(), idem_key).run()
     return Response(done.body, done.status, done.headers, done.media_type)
 
 
@@ -135,6 +134,7 @@ class ChargedCall:
         respond: Respond,
         idem_key: str | None,
     ) -> None:
+        self._request = request
         self._state = request.app.state
         self._request_state = request.state
         self._key, self._prepared, self._respond, self._idem_key = key, prepared, respond, idem_key
@@ -144,8 +144,8 @@ class ChargedCall:
             threading.Lock(),
         )
 
-    async def run(self, request: Request) -> StoredResponse:
-        watcher = asyncio.create_task(self._watch(request))
+    async def run(self) -> StoredResponse:
+        watcher = asyncio.create_task(self._watch())
         try:
             done = await anyio.to_thread.run_sync(
                 self._in_thread, abandon_on_cancel=True, limiter=self._state.call_threads
@@ -161,9 +161,9 @@ class ChargedCall:
             watcher.cancel()
         return done
 
-    async def _watch(self, request: Request) -> None:
+    async def _watch(self) -> None:
         """A client that hangs up is not charged: the thread releases instead of capturing."""
-        while not await request.is_disconnected():
+        while not await self._request.is_disconnected():
             await anyio.sleep(DISCONNECT_POLL_S)
         with self._claim:
             self._cancelled.set()
