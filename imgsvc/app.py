@@ -28,6 +28,7 @@ from imgsvc.billing.keys import KeyCache
 from imgsvc.billing.ratelimit import RateLimiter
 from imgsvc.config import Settings
 from imgsvc.errors import ServiceError
+from imgsvc.jobs.runtime import JobsRuntime
 from imgsvc.models.background.remover import require_onnx_cuda
 from imgsvc.models.upscale.cpu import build as kernels
 from imgsvc.operations.context import Context
@@ -36,6 +37,7 @@ from imgsvc.routes import (
     admin,
     health,
     inpaint,
+    jobs,
     keys,
     quote,
     remove_background,
@@ -76,6 +78,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # Asked for the GPU: create the CUDA sessions before serving, so a provider whose
             # libraries fail to load stops the start instead of running on the CPU unnoticed.
             await run_in_threadpool(registry.background)
+        app.state.jobs = JobsRuntime(settings, db, context)
+        app.state.jobs.start()
         tasks = [asyncio.create_task(_sweep_forever(db, settings.sweep_interval_seconds))]
         if settings.preload_models:
             tasks.append(asyncio.create_task(_preload(app)))
@@ -86,6 +90,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             for task in tasks:
                 task.cancel()
+            await run_in_threadpool(app.state.jobs.close)
             app.state.meter.close()
             db.dispose()
 
@@ -103,7 +108,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.call_threads = CapacityLimiter(CALL_THREADS)
     app.state.models_ready = False
     app.state.load_error = None
-    for module in (remove_background, upscale, inpaint, quote, account, keys, admin, health):
+    for module in (remove_background, upscale, inpaint, jobs, quote, account, keys, admin, health):
         app.include_router(module.router)
     app.include_router(removebg_compat.router)
     app.add_middleware(RequestIds)

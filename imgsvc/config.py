@@ -22,6 +22,7 @@ GROUPS = {
     "models": "Models and devices",
     "upscale": "Upscaling",
     "inpaint": "Inpainting",
+    "jobs": "Batch jobs, workers and webhooks",
 }
 
 
@@ -142,6 +143,76 @@ class Settings(BaseSettings):
         "inpaint calls that may wait for the device; more get 503 + `Retry-After`",
         ge=0,
     )
+    # -- jobs
+    jobs_dir: Path = setting(
+        Path("./data/jobs"),
+        "jobs",
+        "job inputs and results; a folder shared by the API and every worker",
+    )
+    broker_url: str | None = setting(
+        None,
+        "jobs",
+        "Celery broker (`amqp://…` RabbitMQ, or `redis://…`); set, items go to `imgsvc worker` "
+        "processes; unset, the API process runs them",
+    )
+    job_workers: int = setting(
+        1, "jobs", "item threads in the API process without a broker (0 = none)", ge=0
+    )
+    job_max_items: int = setting(500, "jobs", "most items in one job", ge=1)
+    job_max_bytes: int = setting(
+        1024 * 1024 * 1024, "jobs", "largest job upload (all files, or the zip)", ge=1
+    )
+    job_retention_hours: float = setting(
+        24, "jobs", "results are kept this long after the job finishes, then deleted", gt=0
+    )
+    job_hold_hours: float = setting(
+        48,
+        "jobs",
+        "credits held for a queued item are given back after this long (the item, if it runs "
+        "later, is charged only if the balance still allows)",
+        gt=0,
+    )
+    job_lease_seconds: float = setting(
+        60,
+        "jobs",
+        "an item's lease; its worker renews it every third of it, so only a dead worker's "
+        "items run again, this long after it died",
+        gt=0,
+    )
+    job_max_attempts: int = setting(
+        3, "jobs", "claims of one item before it fails (a poison item does not loop)", ge=1
+    )
+    job_item_timeout_seconds: float = setting(
+        3600,
+        "jobs",
+        "the longest one item may run; broker timeouts (Redis visibility_timeout) are set above",
+        gt=0,
+    )
+    job_redispatch_seconds: float = setting(
+        3600,
+        "jobs",
+        "a queued item whose message was not consumed in this long is published again",
+        gt=0,
+    )
+    job_sweep_seconds: float = setting(
+        5, "jobs", "how often lost items are re-queued and old results expired", gt=0
+    )
+    webhook_retry_schedule: str = setting(
+        "5,300,1800,7200,18000,36000",
+        "jobs",
+        "seconds before each retry of a failed webhook (±20% jitter)",
+    )
+    webhook_timeout_s: float = setting(10, "jobs", "one webhook delivery attempt", gt=0)
+
+    @field_validator("webhook_retry_schedule")
+    @classmethod
+    def _valid_schedule(cls, value: str) -> str:
+        [float(p) for p in value.split(",") if p.strip()]  # ValueError → refused at start
+        return value
+
+    @property
+    def webhook_schedule(self) -> tuple[float, ...]:
+        return tuple(float(p) for p in self.webhook_retry_schedule.split(",") if p.strip())
 
     @field_validator("url_fetch_allow_cidrs")
     @classmethod

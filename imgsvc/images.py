@@ -50,6 +50,8 @@ def decode(data: bytes, limits: Limits, *, what: str = "image") -> Image.Image:
             f"{what} is not a supported image "
             "(send JPEG, PNG, WebP, GIF, TIFF, BMP, HEIC/HEIF or AVIF)"
         ) from None
+    except (OSError, SyntaxError, ValueError) as exc:  # a header cut short or corrupt
+        raise InvalidImage(f"{what} could not be decoded (truncated or corrupt file)") from exc
     if img.format not in ACCEPTED_FORMATS:
         raise UnsupportedMediaType(f"{what} format {img.format} is not supported")
     w, h = img.size

@@ -8,6 +8,7 @@ running call keeps extending; if the process dies, `sweep_expired` releases it.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -50,40 +51,65 @@ def reserve(
 ) -> int:
     """Hold `credits` of the key's account; return the hold id. Refusal takes nothing."""
     now = utcnow()
-    month = current_month(now)
     # Not waiting for the disk is safe here: a hold forgotten by a crash returns its credits.
     with db.transaction(durable=False) as s:
-        taken = s.execute(
-            update(Account)
-            .where(Account.id == key.account_id, Account.credits >= credits)
-            .values(credits=Account.credits - credits)
+        (hold_id,) = reserve_in(
+            s,
+            key=key,
+            amounts=[credits],
+            request_ids=[request_id],
+            expires_at=now + ttl,
+            price_version=price_version,
         )
-        if taken.rowcount != 1:  # type: ignore[attr-defined]
-            balance = _balance(s, key.account_id)
-            raise InsufficientCredits(
-                f"this call costs {credits} credits and the account has {balance}; "
-                "top up and retry",
-                extra={"credits_required": credits, "credits_remaining": balance},
-            )
-        if key.monthly_cap is not None and not _charge_cap(s, key.id, credits, month):
-            # Raising inside the transaction rolls the balance update back too.
-            raise MonthlyCapReached(
-                f"this call costs {credits} credits; this key has spent {key.month_spent} of "
-                f"its monthly cap of {key.monthly_cap}",
-                extra={"credits_required": credits, "monthly_cap": key.monthly_cap},
-            )
-        hold = Hold(
+        return hold_id
+
+
+def reserve_in(
+    s: Session,
+    *,
+    key: KeyInfo,
+    amounts: Sequence[int],
+    request_ids: Sequence[str],
+    expires_at: datetime,
+    price_version: str | None,
+) -> list[int]:
+    """Hold several amounts at once, in the caller's transaction (a batch job's items): one
+    conditional UPDATE for the total, so all are held or none. Returns the hold ids in order."""
+    credits = sum(amounts)
+    taken = s.execute(
+        update(Account)
+        .where(Account.id == key.account_id, Account.credits >= credits)
+        .values(credits=Account.credits - credits)
+    )
+    if taken.rowcount != 1:  # type: ignore[attr-defined]
+        balance = _balance(s, key.account_id)
+        what = "this call costs" if len(amounts) == 1 else f"these {len(amounts)} items cost"
+        raise InsufficientCredits(
+            f"{what} {credits} credits and the account has {balance}; top up and retry",
+            extra={"credits_required": credits, "credits_remaining": balance},
+        )
+    if key.monthly_cap is not None and not _charge_cap(s, key.id, credits, current_month()):
+        # Raising inside the transaction rolls the balance update back too.
+        raise MonthlyCapReached(
+            f"this costs {credits} credits; this key has spent {key.month_spent} of "
+            f"its monthly cap of {key.monthly_cap}",
+            extra={"credits_required": credits, "monthly_cap": key.monthly_cap},
+        )
+    holds = [
+        Hold(
             account_id=key.account_id,
             key_id=key.id,
             request_id=request_id,
-            amount=credits,
+            amount=amount,
             price_version=price_version,
-            expires_at=now + ttl,
+            expires_at=expires_at,
         )
-        s.add(hold)
-        s.flush()
-        s.add(_entry(hold, -credits, "hold"))
-        return hold.id
+        for amount, request_id in zip(amounts, request_ids, strict=True)
+    ]
+    s.add_all(holds)
+    s.flush()
+    s.add_all([_entry(hold, -hold.amount, "hold") for hold in holds])
+    return [hold.id for hold in holds]
 
 
 def _charge_cap(s: Session, key_id: int, credits: int, month: str) -> bool:
@@ -162,13 +188,18 @@ def release(db: Database, *, hold_id: int) -> bool:
     """Give a hold back (the call failed). False if it was already settled."""
     # Forgetting a release is safe: the hold expires and the sweeper releases it again.
     with db.transaction(durable=False) as s:
-        hold = _settle(s, hold_id, "released")
-        if hold is None:
-            return False
-        _credit(s, hold.account_id, hold.amount)
-        _uncharge_cap(s, hold, hold.amount)
-        s.add(_entry(hold, hold.amount, "release"))
-        return True
+        return release_in(s, hold_id=hold_id)
+
+
+def release_in(s: Session, *, hold_id: int) -> bool:
+    """`release` in the caller's transaction."""
+    hold = _settle(s, hold_id, "released")
+    if hold is None:
+        return False
+    _credit(s, hold.account_id, hold.amount)
+    _uncharge_cap(s, hold, hold.amount)
+    s.add(_entry(hold, hold.amount, "release"))
+    return True
 
 
 def capture(
@@ -181,39 +212,74 @@ def capture(
     negative); otherwise the call is recorded as free.
     """
     with db.transaction() as s:
-        hold = _settle(s, hold_id, "captured")
-        if hold is not None:
-            charged = min(max(credits, 0), hold.amount)
-            unused = hold.amount - charged
-            _credit(s, hold.account_id, unused)
-            _uncharge_cap(s, hold, unused)
-            s.add(_entry(hold, unused, "capture"))
-        else:
-            charged = _charge_again(s, key, credits, request_id)
-        s.add(
-            UsageEvent(
-                account_id=key.account_id,
-                key_id=key.id,
-                request_id=request_id,
-                operation=usage.operation,
-                model=usage.model,
-                client_ref=usage.client_ref,
-                input_width=usage.input_size[0],
-                input_height=usage.input_size[1],
-                output_width=usage.output_size[0],
-                output_height=usage.output_size[1],
-                credits=charged,
-                price_version=usage.price_version,
-                duration_ms=usage.duration_ms,
-            )
+        charged = capture_in(
+            s,
+            hold_id=hold_id,
+            credits=credits,
+            account_id=key.account_id,
+            key_id=key.id,
+            request_id=request_id,
+            usage=usage,
         )
         return charged, _balance(s, key.account_id)
 
 
-def _charge_again(s: Session, key: KeyInfo, credits: int, request_id: str) -> int:
+def capture_in(
+    s: Session,
+    *,
+    hold_id: int,
+    credits: int,
+    account_id: int,
+    key_id: int,
+    request_id: str,
+    usage: UsageRecord,
+    job_item: tuple[str, int] | None = None,
+) -> int:
+    """`capture` in the caller's transaction; returns the credits charged. With `job_item`,
+    the usage row carries (job, item), unique: a second capture of an item fails the whole
+    transaction (IntegrityError) instead of charging twice."""
+    hold = _settle(s, hold_id, "captured")
+    if hold is not None:
+        charged = min(max(credits, 0), hold.amount)
+        unused = hold.amount - charged
+        _credit(s, hold.account_id, unused)
+        _uncharge_cap(s, hold, unused)
+        s.add(_entry(hold, unused, "capture"))
+    else:
+        charged = _charge_again(s, account_id, key_id, credits, request_id)
+    job_id, item = job_item if job_item is not None else (None, None)
+    s.add(
+        UsageEvent(
+            account_id=account_id,
+            key_id=key_id,
+            request_id=request_id,
+            operation=usage.operation,
+            model=usage.model,
+            client_ref=usage.client_ref,
+            input_width=usage.input_size[0],
+            input_height=usage.input_size[1],
+            output_width=usage.output_size[0],
+            output_height=usage.output_size[1],
+            credits=charged,
+            price_version=usage.price_version,
+            duration_ms=usage.duration_ms,
+            job_id=job_id,
+            item=item,
+        )
+    )
+    s.flush()  # the unique (job, item) and request id are checked here, before the commit
+    return charged
+
+
+def balance(s: Session, account_id: int) -> int:
+    """An account's credits, read in the caller's transaction."""
+    return _balance(s, account_id)
+
+
+def _charge_again(s: Session, account_id: int, key_id: int, credits: int, request_id: str) -> int:
     taken = s.execute(
         update(Account)
-        .where(Account.id == key.account_id, Account.credits >= credits)
+        .where(Account.id == account_id, Account.credits >= credits)
         .values(credits=Account.credits - credits)
     )
     if taken.rowcount != 1 or credits <= 0:  # type: ignore[attr-defined]
@@ -221,8 +287,8 @@ def _charge_again(s: Session, key: KeyInfo, credits: int, request_id: str) -> in
         return 0
     s.add(
         LedgerEntry(
-            account_id=key.account_id,
-            key_id=key.id,
+            account_id=account_id,
+            key_id=key_id,
             delta=-credits,
             kind="charge",
             request_id=request_id,

@@ -15,6 +15,7 @@ from sqlalchemy import (
     LargeBinary,
     String,
     Text,
+    UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -102,12 +103,16 @@ class LedgerEntry(Base):
 
 
 class UsageEvent(Base):
-    """One successful call and what it was charged, with the price table version used."""
+    """One successful call and what it was charged, with the price table version used.
+
+    A batch job's item carries its (job, item): unique, so an item is charged at most once
+    however often a broker delivers it."""
 
     __tablename__ = "usage_events"
     __table_args__ = (
         Index("ix_usage_account_created", "account_id", "created_at"),
         Index("ix_usage_key_created", "key_id", "created_at"),
+        UniqueConstraint("job_id", "item", name="uq_usage_job_item"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -124,6 +129,8 @@ class UsageEvent(Base):
     credits: Mapped[int] = mapped_column(Integer)
     price_version: Mapped[str] = mapped_column(String(50))
     duration_ms: Mapped[int] = mapped_column(Integer)
+    job_id: Mapped[str | None] = mapped_column(String(40), default=None)
+    item: Mapped[int | None] = mapped_column(Integer, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

@@ -27,13 +27,14 @@ MAX_CLIENT_REF = 100
 Handler = Callable[[Request], Coroutine[Any, Any, Response]]
 
 
-async def admit_caller(request: Request, operation: Operation) -> None:
-    """Authenticate, check the scope, count the call against the key's rate limit."""
+async def admit_caller(request: Request, operation: Operation | None) -> None:
+    """Authenticate, check the scope (unless the operation is in the body: a job's route checks
+    it once read), count the call against the key's rate limit."""
     state = request.app.state
     cache: KeyCache = state.key_cache
     secret = api_secret(request.headers.get("authorization"), request.headers.get("x-api-key"))
     key = await run_in_threadpool(cache.authenticate, secret)
-    if not key.may(operation):
+    if operation is not None and not key.may(operation):
         raise Forbidden(f"this key may not call {operation} (scopes: {' '.join(key.scopes)})")
     limiter: RateLimiter = state.rate_limiter
     if limiter.shared:
@@ -48,7 +49,7 @@ async def admit_caller(request: Request, operation: Operation) -> None:
     request.state.client_ref = client_ref
 
 
-def gated_route(operation: Operation) -> type[APIRoute]:
+def gated_route(operation: Operation | None) -> type[APIRoute]:
     """A route class whose requests pass `admit_caller` before FastAPI reads their body."""
 
     class GatedRoute(APIRoute):

@@ -1,0 +1,1 @@
+"""Batch jobs: the job store, its runners, webhooks and the zip formats."""
