@@ -1,4 +1,4 @@
-"""`imgsvc serve | keys … | weights pull | kernels build | usage | billing verify|sweep`."""
+"""`imgsvc serve | worker | batch | keys … | weights pull | kernels build | usage | billing …`."""
 
 from __future__ import annotations
 
@@ -51,6 +51,21 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         return 2
     uvicorn.run(app, host=host, port=port, log_level="info")
     return 0
+
+
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from imgsvc.jobs import worker
+
+    if args.device:
+        device, _, index = args.device.partition(":")
+        if device not in ("cpu", "cuda", "auto") or (index and not index.isdigit()):
+            print("imgsvc: --device is cpu, cuda or cuda:N", file=sys.stderr)
+            return 2
+        if index:  # this process sees only that GPU (set before torch is imported)
+            os.environ["CUDA_VISIBLE_DEVICES"] = index
+        settings = settings.model_copy(update={"device": device})
+    operations = [op.strip() for op in args.operations.split(",") if op.strip()]
+    return worker.run(settings, operations, name=args.name)
 
 
 def _print_dev_key(settings: Settings, host: str, port: int) -> None:
@@ -181,6 +196,29 @@ def build_parser() -> argparse.ArgumentParser:
         "IMGSVC_DEV_KEY_CREDITS credits and print it (never done without this flag)",
     )
     s.set_defaults(func=cmd_serve)
+
+    wk = sub.add_parser(
+        "worker",
+        help="run batch items from the broker (IMGSVC_BROKER_URL); one process per GPU",
+        description="A Celery worker for batch job items: solo pool, one item at a time, the "
+        "queues of --operations (imgsvc.<operation>), models loaded once after start. Needs "
+        "IMGSVC_BROKER_URL (amqp://… RabbitMQ recommended, or redis://…), the API's "
+        "IMGSVC_DATABASE_URL (PostgreSQL) and IMGSVC_JOBS_DIR on storage shared with the API. "
+        "To add a GPU host: install imgsvc and its weights, set those three variables, and "
+        "start one `imgsvc worker --device cuda:N` per GPU (CUDA_VISIBLE_DEVICES=N works too).",
+    )
+    wk.add_argument(
+        "--operations",
+        default="remove-background,upscale,inpaint",
+        help="comma-separated operations this worker serves (default: all)",
+    )
+    wk.add_argument("--device", help="cpu, cuda or cuda:N (default IMGSVC_DEVICE)")
+    wk.add_argument("--name", help="worker name shown by Celery (default from the host)")
+    wk.set_defaults(func=cmd_worker)
+
+    from imgsvc import batch
+
+    batch.add_parser(sub)
 
     k = sub.add_parser("keys", help="create, list, revoke, rotate and top up API keys")
     ks = k.add_subparsers(dest="keys_cmd", required=True)

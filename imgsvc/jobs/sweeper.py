@@ -60,7 +60,13 @@ def redispatch(
                 .join(Job, Job.id == JobItem.job_id)
                 .where(
                     or_(
-                        (JobItem.status == "running") & (JobItem.lease_expires_at < now),
+                        (JobItem.status == "running")
+                        & (JobItem.lease_expires_at < now)
+                        & (
+                            JobItem.dispatched_at.is_(None)
+                            | (JobItem.dispatched_at < JobItem.lease_expires_at)
+                            | (JobItem.dispatched_at < now - stale_after)
+                        ),
                         (JobItem.status == "queued")
                         & (
                             JobItem.dispatched_at.is_(None)

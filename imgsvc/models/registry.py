@@ -389,10 +389,14 @@ class Registry:
             for (op, name), engine in sorted(self.loaded().items())
         ]
 
-    def preload(self) -> None:
-        """Load the default engines so the first request does not pay for it."""
-        self.background()
-        self.upscaler()
+    def preload(self, operations: tuple[str, ...] = ("remove-background", "upscale")) -> None:
+        """Load the default engines of `operations` so the first call does not pay for it."""
+        if "remove-background" in operations:
+            self.background()
+        if "upscale" in operations:
+            self.upscaler()
+        if "inpaint" in operations:
+            self.eraser()
 
 
 def _raise(error: Exception) -> object:
