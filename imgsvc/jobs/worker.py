@@ -80,12 +80,17 @@ def _start(settings: Settings, operations: Sequence[str], state: _Worker, app: C
     log.info("worker ready for %s on %s", ", ".join(operations), ctx.registry.device)
 
 
+def default_name(operations: Sequence[str]) -> str:
+    """The worker's Celery name (what `celery inspect ping -d` asks for)."""
+    return f"imgsvc-{'+'.join(operations)}@{socket.gethostname()}"
+
+
 def run(settings: Settings, operations: Sequence[str], *, name: str | None = None) -> int:
     unknown = [op for op in operations if op not in OPERATIONS]
     if unknown:
         raise SystemExit(f"unknown operation(s): {', '.join(unknown)}; use {', '.join(OPERATIONS)}")
     app = build_app(settings, operations)
-    hostname = name or f"imgsvc-{'+'.join(operations)}@{socket.gethostname()}"
+    hostname = name or default_name(operations)
     argv = [
         "worker",
         "--pool=solo",
