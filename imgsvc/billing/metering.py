@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import case, func, select, update
+from sqlalchemy import case, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from imgsvc.billing.db import Database
@@ -138,15 +138,20 @@ def _uncharge_cap(s: Session, hold: Hold, credits: int) -> None:
 
 
 def _entry(hold: Hold, delta: int, kind: str) -> LedgerEntry:
-    return LedgerEntry(
-        account_id=hold.account_id,
-        key_id=hold.key_id,
-        hold_id=hold.id,
-        delta=delta,
-        kind=kind,
-        request_id=hold.request_id,
-        price_version=hold.price_version,
-    )
+    return LedgerEntry(**_row(hold, delta, kind))
+
+
+def _row(hold: Hold, delta: int, kind: str) -> dict[str, object]:
+    return {
+        "account_id": hold.account_id,
+        "key_id": hold.key_id,
+        "hold_id": hold.id,
+        "delta": delta,
+        "kind": kind,
+        "request_id": hold.request_id,
+        "price_version": hold.price_version,
+        "created_at": utcnow(),
+    }
 
 
 def _balance(s: Session, account_id: int) -> int:
@@ -155,14 +160,12 @@ def _balance(s: Session, account_id: int) -> int:
 
 def _settle(s: Session, hold_id: int, status: str) -> Hold | None:
     """Move a hold out of `held` (one conditional UPDATE); None if it was already settled."""
-    res = s.execute(
+    return s.scalars(
         update(Hold)
         .where(Hold.id == hold_id, Hold.status == "held")
         .values(status=status, settled_at=utcnow())
-    )
-    if res.rowcount != 1:  # type: ignore[attr-defined]
-        return None
-    return s.get(Hold, hold_id)
+        .returning(Hold)
+    ).one_or_none()
 
 
 def _credit(s: Session, account_id: int, credits: int) -> None:
@@ -244,12 +247,12 @@ def capture_in(
         unused = hold.amount - charged
         _credit(s, hold.account_id, unused)
         _uncharge_cap(s, hold, unused)
-        s.add(_entry(hold, unused, "capture"))
+        s.execute(insert(LedgerEntry).values(**_row(hold, unused, "capture")))
     else:
         charged = _charge_again(s, account_id, key_id, credits, request_id)
     job_id, item = job_item if job_item is not None else (None, None)
-    s.add(
-        UsageEvent(
+    s.execute(
+        insert(UsageEvent).values(
             account_id=account_id,
             key_id=key_id,
             request_id=request_id,
@@ -265,9 +268,9 @@ def capture_in(
             duration_ms=usage.duration_ms,
             job_id=job_id,
             item=item,
+            created_at=utcnow(),
         )
-    )
-    s.flush()  # the unique (job, item) and request id are checked here, before the commit
+    )  # a second capture of a (job, item) or request id fails here: IntegrityError
     return charged
 
 

@@ -28,7 +28,7 @@ from imgsvc.billing.metering import UsageRecord
 from imgsvc.billing.schema import utcnow
 from imgsvc.errors import NotFound, ServiceError
 from imgsvc.jobs.files import JobFiles
-from imgsvc.jobs.schema import FINISHED, ITEM_OPEN, Job, JobItem, WebhookDelivery
+from imgsvc.jobs.schema import ITEM_OPEN, Job, JobItem, WebhookDelivery
 from imgsvc.jobs.zip_input import safe_member_name
 
 log = logging.getLogger("imgsvc.jobs")
@@ -244,12 +244,11 @@ def claim(
     canceled, or leased by a live worker). An item already claimed `max_attempts` times whose
     lease ran out again is failed as poison instead."""
     now = utcnow()
-    with db.transaction() as s:
-        job_id = s.scalar(select(JobItem.job_id).where(JobItem.id == item_id))
-        if job_id is None:
-            return None
-        job = _lock_job(s, job_id)  # always job row first, then items: no lock-order deadlock
-        res = s.execute(
+    claimed: Claimed | None = None
+    poisoned: str | None = None
+    # Not waiting for the disk: a claim forgotten by a crash only lets the item run again.
+    with db.transaction(durable=False) as s:
+        row = s.execute(
             update(JobItem)
             .where(
                 JobItem.id == item_id,
@@ -264,8 +263,36 @@ def claim(
                 attempts=JobItem.attempts + 1,
                 started_at=func.coalesce(JobItem.started_at, now),
             )
-        )
-        if res.rowcount != 1:  # type: ignore[attr-defined]
+            .returning(
+                JobItem.job_id,
+                JobItem.item,
+                JobItem.input_path,
+                JobItem.output_name,
+                JobItem.hold_id,
+                JobItem.credits,
+                JobItem.attempts,
+            )
+            .execution_options(synchronize_session=False)
+        ).one_or_none()
+        if row is not None:
+            job = _job_facts(s, row.job_id)
+            claimed = Claimed(
+                id=item_id,
+                job_id=row.job_id,
+                item=row.item,
+                operation=job.operation,
+                options=json.loads(job.options),
+                input_path=row.input_path or "",
+                output_stem=row.output_name or f"item-{row.item}",
+                hold_id=row.hold_id,
+                credits=row.credits,
+                account_id=job.account_id,
+                key_id=job.key_id,
+                client_ref=job.client_ref,
+                attempts=row.attempts,
+                owner=owner,
+            )
+        else:
             item = s.get(JobItem, item_id)
             if (
                 item is not None
@@ -280,28 +307,40 @@ def claim(
                     f"the item was tried {item.attempts} times and never finished; "
                     "it is not charged",
                 )
-            return None
-        item = s.get_one(JobItem, item_id)
-        s.refresh(item)
-        if job.started_at is None:
-            job.started_at = now
-            job.status = "running"
-        return Claimed(
-            id=item.id,
-            job_id=item.job_id,
-            item=item.item,
-            operation=job.operation,
-            options=json.loads(job.options),
-            input_path=item.input_path or "",
-            output_stem=item.output_name or f"item-{item.item}",
-            hold_id=item.hold_id,
-            credits=item.credits,
-            account_id=job.account_id,
-            key_id=job.key_id,
-            client_ref=job.client_ref,
-            attempts=item.attempts,
-            owner=owner,
-        )
+                poisoned = item.job_id
+    if poisoned is not None:
+        finish_if_done(db, poisoned)
+    return claimed
+
+
+@dataclass(frozen=True)
+class _JobFacts:
+    """What never changes about a job once stored (cached per process)."""
+
+    operation: str
+    options: str
+    account_id: int
+    key_id: int
+    client_ref: str | None
+
+
+_FACTS: dict[str, _JobFacts] = {}
+_FACTS_MAX = 1024
+
+
+def _job_facts(s: Session, job_id: str) -> _JobFacts:
+    facts = _FACTS.get(job_id)
+    if facts is None:
+        row = s.execute(
+            select(Job.operation, Job.options, Job.account_id, Job.key_id, Job.client_ref).where(
+                Job.id == job_id
+            )
+        ).one()
+        facts = _JobFacts(row.operation, row.options, row.account_id, row.key_id, row.client_ref)
+        if len(_FACTS) >= _FACTS_MAX:
+            _FACTS.clear()
+        _FACTS[job_id] = facts
+    return facts
 
 
 def extend_leases(db: Database, item_ids: Sequence[int], *, owner: str, lease: timedelta) -> None:
@@ -342,9 +381,9 @@ def succeed(db: Database, claimed: Claimed, out: Output) -> bool:
     now = utcnow()
     try:
         with db.transaction() as s:
-            job = _lock_job(s, claimed.job_id)
             res = s.execute(
                 update(JobItem)
+                .execution_options(synchronize_session=False)
                 .where(JobItem.id == claimed.id, JobItem.status == "running")
                 .values(
                     status="succeeded",
@@ -384,37 +423,50 @@ def succeed(db: Database, claimed: Claimed, out: Output) -> bool:
                     ),
                     job_item=(claimed.job_id, claimed.item),
                 )
-            s.execute(update(JobItem).where(JobItem.id == claimed.id).values(charged=charged))
-            job.succeeded += 1
-            job.credits_charged += charged
-            _finish_if_done(s, job, now)
-            return True
+            s.execute(
+                update(JobItem)
+                .where(JobItem.id == claimed.id)
+                .values(charged=charged)
+                .execution_options(synchronize_session=False)
+            )
+            last = not _any_open(s, claimed.job_id)
     except IntegrityError:
         log.warning("item %s.%d: a second capture was refused", claimed.job_id, claimed.item)
         return False
+    # Only the last item marks the job (two last items at once: one of them, or the sweeper).
+    if last:
+        finish_if_done(db, claimed.job_id)
+    return True
+
+
+def _any_open(s: Session, job_id: str) -> bool:
+    return (
+        s.scalar(
+            select(JobItem.id)
+            .where(JobItem.job_id == job_id, JobItem.status.in_(ITEM_OPEN))
+            .limit(1)
+        )
+        is not None
+    )
 
 
 def fail(db: Database, claimed: Claimed, error: ServiceError) -> bool:
     """The item cannot succeed (bad input, or attempts exhausted): failed, hold released."""
     with db.transaction() as s:
-        _lock_job(s, claimed.job_id)
         item = s.get_one(JobItem, claimed.id)
         if item.status != "running":
             return False
         _fail_in(s, item, error.code, error.message)
-        return True
+    finish_if_done(db, claimed.job_id)
+    return True
 
 
 def _fail_in(s: Session, item: JobItem, code: str, message: str) -> None:
-    now = utcnow()
-    job = _lock_job(s, item.job_id)
     item.status = "failed"
     item.error_code, item.error_message = code, message[:1000]
-    item.lease_owner, item.lease_expires_at, item.finished_at = None, None, now
+    item.lease_owner, item.lease_expires_at, item.finished_at = None, None, utcnow()
     if item.hold_id is not None:
         metering.release_in(s, hold_id=item.hold_id)
-    job.failed += 1
-    _finish_if_done(s, job, now)
 
 
 def cancel(db: Database, job_id: str, key_id: int) -> Job:
@@ -424,19 +476,19 @@ def cancel(db: Database, job_id: str, key_id: int) -> Job:
         job = _lock_job(s, job_id)
         if job.key_id != key_id or job.status == "expired":
             raise NotFound("no such job")
-        if job.status in FINISHED:
-            return job
-        job.cancel_requested = True
-        queued = list(
-            s.scalars(select(JobItem).where(JobItem.job_id == job_id, JobItem.status == "queued"))
-        )
-        for item in queued:
-            item.status, item.finished_at = "canceled", now
-            if item.hold_id is not None:
-                metering.release_in(s, hold_id=item.hold_id)
-        job.canceled += len(queued)
-        _finish_if_done(s, job, now)
-        return job
+        if job.finished_at is None:
+            job.cancel_requested = True
+            queued = list(
+                s.scalars(
+                    select(JobItem).where(JobItem.job_id == job_id, JobItem.status == "queued")
+                )
+            )
+            for item in queued:
+                item.status, item.finished_at = "canceled", now
+                if item.hold_id is not None:
+                    metering.release_in(s, hold_id=item.hold_id)
+    finish_if_done(db, job_id)
+    return get(db, job_id, key_id)[0]
 
 
 def _lock_job(s: Session, job_id: str) -> Job:
@@ -447,9 +499,48 @@ def _lock_job(s: Session, job_id: str) -> Job:
     return job
 
 
-def _finish_if_done(s: Session, job: Job, now: datetime) -> None:
-    if job.succeeded + job.failed + job.canceled >= job.total:
-        _finish(s, job, now)
+def finish_if_done(db: Database, job_id: str) -> bool:
+    """Mark the job finished once no item is open (its counters, status, expiry, webhook).
+
+    Called after an item's own commit (never holding the job row while items run), by the item
+    that saw itself last, and by the sweeper for the rare case two last items committed at once
+    and each saw the other still open. The job row lock makes one finisher."""
+    with db.transaction() as s:
+        if _any_open(s, job_id):
+            return False
+        job = s.scalars(
+            select(Job).where(Job.id == job_id, Job.finished_at.is_(None)).with_for_update()
+        ).one_or_none()
+        if job is None:
+            return False
+        _count(s, job)
+        _finish(s, job, utcnow())
+        return True
+
+
+def _count(s: Session, job: Job) -> None:
+    """Fill the job's counters from its items (stored when it finishes; read while it runs)."""
+    counts: dict[str, int] = {
+        str(status): int(n)
+        for status, n in s.execute(
+            select(JobItem.status, func.count())
+            .where(JobItem.job_id == job.id)
+            .group_by(JobItem.status)
+        )
+    }
+    job.succeeded = counts.get("succeeded", 0)
+    job.failed = counts.get("failed", 0)
+    job.canceled = counts.get("canceled", 0)
+    job.credits_charged = int(
+        s.scalar(
+            select(func.coalesce(func.sum(JobItem.charged), 0)).where(JobItem.job_id == job.id)
+        )
+        or 0
+    )
+    if job.finished_at is None and job.status == "queued" and len(counts) > 0:
+        started = sum(n for status, n in counts.items() if status != "queued")
+        if started:
+            job.status = "running"
 
 
 def _finish(s: Session, job: Job, now: datetime) -> None:
@@ -479,7 +570,15 @@ def get(db: Database, job_id: str, key_id: int) -> tuple[Job, list[JobItem]]:
         items = list(
             s.scalars(select(JobItem).where(JobItem.job_id == job_id).order_by(JobItem.item))
         )
+        _live(s, job)
         return job, items
+
+
+def _live(s: Session, job: Job) -> None:
+    """A running job's counters and status, read from its items (never written back)."""
+    if job.finished_at is None:
+        s.expunge(job)
+        _count(s, job)
 
 
 def deliveries(db: Database, job_id: str) -> list[WebhookDelivery]:
@@ -513,7 +612,7 @@ def queue_position(db: Database, job: Job) -> int | None:
 
 def list_jobs(db: Database, key_id: int, *, limit: int, offset: int) -> list[Job]:
     with db.read() as s:
-        return list(
+        jobs = list(
             s.scalars(
                 select(Job)
                 .where(Job.key_id == key_id, Job.status != "expired")
@@ -522,6 +621,9 @@ def list_jobs(db: Database, key_id: int, *, limit: int, offset: int) -> list[Job
                 .offset(offset)
             )
         )
+        for job in jobs:
+            _live(s, job)
+        return jobs
 
 
 def item_of(db: Database, job_id: str, key_id: int, item: int) -> JobItem:

@@ -14,8 +14,9 @@ from sqlalchemy import or_, select, update
 
 from imgsvc.billing.db import Database
 from imgsvc.billing.schema import utcnow
+from imgsvc.jobs import store
 from imgsvc.jobs.files import JobFiles
-from imgsvc.jobs.schema import FINISHED, Job, JobItem
+from imgsvc.jobs.schema import FINISHED, ITEM_OPEN, Job, JobItem
 
 log = logging.getLogger("imgsvc.jobs")
 ORPHAN_AGE = timedelta(hours=1)  # a job folder with no job row (a submission that crashed)
@@ -97,6 +98,22 @@ def redispatch(
         log.info("re-queued %d job item(s)", len(taken))
         dispatcher.dispatch(taken)
     return len(taken)
+
+
+def finish_stragglers(db: Database) -> int:
+    """Finish jobs whose last item committed but whose process died before marking the job."""
+    open_items = (
+        select(JobItem.id).where(JobItem.job_id == Job.id, JobItem.status.in_(ITEM_OPEN)).exists()
+    )
+    with db.read() as s:
+        ids = list(
+            s.scalars(
+                select(Job.id)
+                .where(Job.finished_at.is_(None), Job.status != "expired", ~open_items)
+                .limit(100)
+            )
+        )
+    return sum(store.finish_if_done(db, job_id) for job_id in ids)
 
 
 def expire(db: Database, files: JobFiles, *, now: datetime | None = None) -> int:
