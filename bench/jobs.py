@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 from PIL import Image, ImageOps
@@ -55,6 +55,8 @@ PG_ADMIN = os.environ.get(
     "IMGSVC_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
 RABBITMQ = os.environ.get("IMGSVC_BENCH_BROKER", "amqp://guest:guest@127.0.0.1:5672//")
+IMGSVC = [sys.executable, "-m", "imgsvc"]
+BENCH_KEY = ["--credits", "100000000", "--rate-limit", "100000/minute"]
 FINISHED = ("succeeded", "partially_failed", "failed", "canceled")
 
 
@@ -92,8 +94,7 @@ def server(tmp: Path, **env: str) -> Iterator[tuple[str, dict[str, str]]]:
 
 def new_key(env: dict[str, str]) -> str:
     done = subprocess.run(
-        [sys.executable, "-m", "imgsvc", "keys", "create", "--name", "bench"]
-        + ["--credits", "100000000", "--rate-limit", "100000/minute"],
+        [*IMGSVC, "keys", "create", "--name", "bench", *BENCH_KEY],
         env=env,
         capture_output=True,
         text=True,
@@ -104,9 +105,13 @@ def new_key(env: dict[str, str]) -> str:
 
 def throughput(args: argparse.Namespace) -> None:
     images = photos(args.photos, args.size)
-    with tempfile.TemporaryDirectory() as tmp, server(
-        Path(tmp), IMGSVC_JOBS_DIR=str(Path(tmp) / "jobs"), IMGSVC_TORCH_THREADS="2"
-    ) as (url, env):
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        server(Path(tmp), IMGSVC_JOBS_DIR=str(Path(tmp) / "jobs"), IMGSVC_TORCH_THREADS="2") as (
+            url,
+            env,
+        ),
+    ):
         key = new_key(env)
         client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=600)
         warm = client.post("/v1/remove-background", files={"image": ("w.jpg", images[0])})
@@ -174,8 +179,8 @@ def register_noop() -> None:
 class Timed:
     """Seconds spent in a function, summed per process (written to a file at each 100th call)."""
 
-    totals: dict[str, float] = {}
-    calls: dict[str, int] = {}
+    totals: ClassVar[dict[str, float]] = {}
+    calls: ClassVar[dict[str, int]] = {}
 
     @classmethod
     def wrap(cls, name: str, fn: Any, out: Path) -> Any:
