@@ -110,6 +110,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.load_error = None
     for module in (remove_background, upscale, inpaint, jobs, quote, account, keys, admin, health):
         app.include_router(module.router)
+    app.include_router(jobs.reads)
     app.include_router(removebg_compat.router)
     app.add_middleware(RequestIds)
     _install_error_handlers(app)

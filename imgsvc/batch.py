@@ -420,6 +420,15 @@ def save_outputs(client: Client, job: Mapping[str, Any], out: Path) -> list[Fail
     return failures
 
 
+def _refused(chunk: Chunk, failed: Sequence[Any]) -> list[Failure]:
+    """The images of a chunk the service refused whole, each with its reason."""
+    reasons = {str(f.get("name")): _error_of(f) for f in failed if isinstance(f, dict)}
+    return [
+        Failure(name, *reasons.get(name, ("not_processed", "no image of its job was valid")))
+        for name in chunk.files
+    ]
+
+
 def _error_of(item: Mapping[str, Any]) -> tuple[str, str]:
     error = item.get("error")
     if isinstance(error, dict):
@@ -603,6 +612,7 @@ class _Batch:
         self.jobs: dict[str, dict[str, Any]] = {}  # idempotency key → latest job object
         self.progress = Progress(sys.stderr)
         self.state_saved = False
+        self.refused: list[Failure] = []  # images of chunks the service refused as a whole
 
     def run(self) -> int:
         err = sys.stderr
@@ -619,7 +629,7 @@ class _Batch:
                 return EXIT_NOT_CONFIRMED
             self._save(plan.state)
             self._submit(plan.state)
-            failures = self._follow(plan.state)
+            failures = self.refused + self._follow(plan.state)
             return self._summary(plan, failures)
         except KeyboardInterrupt:
             self.progress.end_line()
@@ -722,13 +732,24 @@ class _Batch:
             if chunk.job_id is not None:
                 continue
             self._save(state)  # the key is on disk before the service can see it
-            job = self.client.submit_job(
-                self.command.operation,
-                self._files(chunk),
-                options=self.command.options,
-                webhook_url=self.command.webhook_url,
-                idempotency_key=chunk.idempotency_key,
-            )
+            try:
+                job = self.client.submit_job(
+                    self.command.operation,
+                    self._files(chunk),
+                    options=self.command.options,
+                    webhook_url=self.command.webhook_url,
+                    idempotency_key=chunk.idempotency_key,
+                )
+            except ApiError as exc:
+                failed = exc.details.get("failed")
+                if exc.status != 422 or not isinstance(failed, list):
+                    raise
+                # No image of this chunk can be processed: the service created and charged
+                # nothing. Its images are failures (retried by a rerun); the others go on.
+                self.refused.extend(_refused(chunk, failed))
+                chunk.downloaded = True
+                self._save(state)
+                continue
             chunk.job_id = _job_id(job)
             self.jobs[chunk.idempotency_key] = job
             self._save(state)

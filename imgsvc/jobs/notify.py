@@ -10,7 +10,8 @@ import logging
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
+from sqlalchemy.exc import IntegrityError
 
 from imgsvc.billing.db import Database
 from imgsvc.billing.schema import utcnow
@@ -36,6 +37,30 @@ def new_secret(db: Database, key_id: int) -> str:
         else:
             row.secret, row.created_at = secret, utcnow()
     return secret
+
+
+def first_secret(db: Database, key_id: int) -> str | None:
+    """A signing secret for a key that has none, made now and returned (to be shown once);
+    None when the key has one already (two first jobs at once: only one of them makes it)."""
+    secret = webhooks.new_secret()
+    try:
+        with db.transaction() as s:
+            if s.get(WebhookSecret, key_id) is not None:
+                return None
+            s.add(WebhookSecret(key_id=key_id, secret=secret))
+    except IntegrityError:
+        return None
+    return secret
+
+
+def forget_secret(db: Database, key_id: int, secret: str) -> None:
+    """Undo `first_secret` (its job was not created): the key's next job shows a new one."""
+    with db.transaction() as s:
+        s.execute(
+            delete(WebhookSecret).where(
+                WebhookSecret.key_id == key_id, WebhookSecret.secret == secret
+            )
+        )
 
 
 def payload(job: Job) -> bytes:

@@ -10,6 +10,7 @@ from imgsvc.operations import inpaint as operation
 from imgsvc.routes.deps import SettingsDep
 from imgsvc.routes.forms import form_fields
 from imgsvc.routes.gate import AdmittedKeyDep, operation_router
+from imgsvc.routes.jobs import ASYNC_DESCRIPTION, prefers_async, respond_async
 from imgsvc.routes.metered import IMAGE_RESPONSES, metered_call, read_upload
 
 router = operation_router("inpaint")
@@ -29,7 +30,8 @@ MASK = (
     "resolution) and blended back with the grown and feathered mask: every pixel farther than "
     "`grow_mask + mask_blur` from the mask is returned bit-identical. Without `prompt` the area "
     "is erased (LaMa when installed, else OpenCV Telea); `X-Model` names the engine. When the "
-    "device queue is full the answer is 503 `queue_full` with `Retry-After`, uncharged.",
+    "device queue is full the answer is 503 `queue_full` with `Retry-After`, uncharged."
+    + ASYNC_DESCRIPTION,
 )
 async def inpaint(
     request: Request,
@@ -44,4 +46,7 @@ async def inpaint(
         image=await read_upload(image, limit, "image"),
         mask=None if mask is None else await read_upload(mask, limit, "mask"),
     )
+    if prefers_async(request) and not request.state.dry_run:
+        shared = {} if inputs.mask is None else {"mask": inputs.mask}
+        return await respond_async(request, key, operation.OPERATION, options, inputs.image, shared)
     return await metered_call(request, key, lambda ctx: operation.prepare(options, inputs, ctx))

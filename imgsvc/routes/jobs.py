@@ -11,17 +11,21 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from datetime import datetime, timedelta
 from typing import Annotated, Any
 
+import anyio
 from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.types import Message
 
+from imgsvc import images
 from imgsvc.billing import idempotency
 from imgsvc.billing.idempotency import StoredResponse
 from imgsvc.billing.keys import KeyInfo
@@ -31,16 +35,18 @@ from imgsvc.fetch import check_url, fetch
 from imgsvc.jobs import manifest, notify, store, sweeper
 from imgsvc.jobs.result_zip import ZipEntry, stream_zip
 from imgsvc.jobs.runtime import JobsRuntime
-from imgsvc.jobs.schema import FINISHED, Job, JobItem
+from imgsvc.jobs.schema import FINISHED, ITEM_OPEN, Job, JobItem
 from imgsvc.jobs.zip_input import ZipLimits, is_zip, read_zip
 from imgsvc.operations.catalog import OperationKind, operation_kind
 from imgsvc.operations.context import Context
-from imgsvc.routes.deps import DatabaseDep
+from imgsvc.routes.deps import ApiKeyDep, DatabaseDep
 from imgsvc.routes.gate import AdmittedKeyDep, gated_route
 from imgsvc.routes.metered import request_fingerprint
 
 log = logging.getLogger("imgsvc.jobs")
 router = APIRouter(prefix="/v1", tags=["jobs"], route_class=gated_route(None))
+# Reading and canceling jobs: authenticated, not counted against the rate limit (polling).
+reads = APIRouter(prefix="/v1", tags=["jobs"])
 JobId = Annotated[str, Path(pattern=r"^job_[0-9a-f]{24}$", description="the job's id")]
 RESERVED_FIELDS = {"operation", "options", "files", "file", "urls", "webhook_url"}
 MAX_URLS_AT_ONCE = 4
@@ -55,6 +61,12 @@ class JobSubmission(BaseModel):
     webhook_url: str | None = None
 
 
+ASYNC_DESCRIPTION = (
+    " With `Prefer: respond-async` the call is checked and priced as it would be, its credits "
+    "held, and answered at once: 202 with a one-item job (`Location: /v1/jobs/{id}`, "
+    "`Preference-Applied: respond-async`); its output is then at `/v1/jobs/{id}/items/1`. "
+    "`?dry_run=true` still only quotes."
+)
 JOB_DESCRIPTION = (
     "Multipart: `operation`, that operation's options as form fields (or one `options` field "
     "of JSON), the images as repeated `files` parts or one zip in `file`, optionally "
@@ -83,6 +95,15 @@ async def submit_job(
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > settings.job_max_bytes:
         raise PayloadTooLarge(f"the job is {declared} bytes; the limit is {settings.job_max_bytes}")
+    request = _capped(request, settings.job_max_bytes)  # a chunked body is counted as it comes
+    try:
+        return await _submit(request, key, settings, dry_run)
+    finally:
+        await request.close()  # the spooled upload files
+
+
+async def _submit(request: Request, key: KeyInfo, settings: Settings, dry_run: bool) -> Response:
+    state = request.app.state
     submission = await _read_submission(request, settings)
     kind = operation_kind(submission.operation)
     if not key.may(kind.name):
@@ -91,6 +112,7 @@ async def submit_job(
     ctx: Context = state.context
     if submission.webhook_url is not None:
         await run_in_threadpool(check_url, submission.webhook_url, ctx.fetch, what="webhook_url")
+    await run_in_threadpool(_check_shared, submission.shared, ctx)
     items = await _items(submission, settings, ctx)
     priced = await run_in_threadpool(_price, kind, options, items, ctx)
     if dry_run:
@@ -102,34 +124,46 @@ async def submit_job(
             f"no item can be processed; item 1 ({first.name[:80]!r}): {first.error.message}",
             extra={"failed": _failures(priced)},
         )
+    return await _idempotent(
+        request, key, lambda: _create(request, key, kind, options, priced, submission)
+    )
+
+
+async def _idempotent(
+    request: Request, key: KeyInfo, create: Callable[[], Awaitable[StoredResponse]]
+) -> Response:
+    """`create` the job, or with an Idempotency-Key already used by the same request, answer
+    that request's job again (`Idempotent-Replayed: true`) without creating or holding more."""
+    db = request.app.state.db
     idem_key = request.headers.get("idempotency-key")
     if idem_key is not None:
         fingerprint = await request_fingerprint(request)
         replay = await run_in_threadpool(
-            lambda: idempotency.begin(
-                state.db, key_id=key.id, idem_key=idem_key, fingerprint=fingerprint
-            )
+            lambda: idempotency.begin(db, key_id=key.id, idem_key=idem_key, fingerprint=fingerprint)
         )
         if replay is not None:
             headers = {**replay.headers, "Idempotent-Replayed": "true"}
             return Response(replay.body, replay.status, headers, replay.media_type)
-    try:
-        stored = await _create(request, key, kind, options, priced, submission)
-    except BaseException:
-        if idem_key is not None:
-            await run_in_threadpool(
-                lambda: idempotency.abort(state.db, key_id=key.id, idem_key=idem_key)
-            )
-        raise
-    if idem_key is not None:
+    # Once started, the job is stored and its key completed even if the client hangs up: a
+    # retry with the same key then gets this job, never a second one.
+    with anyio.CancelScope(shield=True):
         try:
-            await run_in_threadpool(
-                lambda: idempotency.complete(
-                    state.db, key_id=key.id, idem_key=idem_key, response=stored
+            stored = await create()
+        except BaseException:
+            if idem_key is not None:  # refused: the client may retry with the same key
+                await run_in_threadpool(
+                    lambda: idempotency.abort(db, key_id=key.id, idem_key=idem_key)
                 )
-            )
-        except SQLAlchemyError:
-            log.exception("job idempotency record not stored")
+            raise
+        if idem_key is not None:
+            try:
+                await run_in_threadpool(
+                    lambda: idempotency.complete(
+                        db, key_id=key.id, idem_key=idem_key, response=stored
+                    )
+                )
+            except SQLAlchemyError:
+                log.exception("job idempotency record not stored")
     return Response(stored.body, stored.status, stored.headers, stored.media_type)
 
 
@@ -141,17 +175,30 @@ async def respond_async(
     image: bytes,
     shared: Mapping[str, bytes] | None = None,
 ) -> Response:
-    """`Prefer: respond-async` on an operation route: the call becomes a one-item job."""
+    """`Prefer: respond-async` on an operation route: the call becomes a one-item job (202).
+
+    The call is checked as the synchronous one would be (the same 4xx, nothing stored), its
+    credits are held, and `Idempotency-Key` works as on the route itself."""
     kind = operation_kind(operation)
     ctx: Context = request.app.state.context
+    files = dict(shared or {})
     item = _Upload("image", image)
-    priced = await run_in_threadpool(_price, kind, options, [item], ctx)
+
+    def checked() -> list[store.NewItem]:
+        kind.prepare(options, image, files, ctx)  # refuses what the synchronous call refuses
+        return _price(kind, options, [item], ctx)
+
+    priced = await run_in_threadpool(checked)
     if priced[0].error is not None:
         raise priced[0].error
-    submission = _Submission(operation, {}, [item], None, dict(shared or {}))
-    stored = await _create(request, key, kind, options, priced, submission)
-    stored.headers["Preference-Applied"] = "respond-async"
-    return Response(stored.body, stored.status, stored.headers, stored.media_type)
+    submission = _Submission(operation, {}, [item], None, files)
+
+    async def create() -> StoredResponse:
+        stored = await _create(request, key, kind, options, priced, submission)
+        stored.headers["Preference-Applied"] = "respond-async"
+        return stored
+
+    return await _idempotent(request, key, create)
 
 
 def prefers_async(request: Request) -> bool:
@@ -159,10 +206,10 @@ def prefers_async(request: Request) -> bool:
     return any(p.strip().lower() == "respond-async" for p in prefer.split(","))
 
 
-@router.get("/jobs", summary="The caller's jobs, newest first")
+@reads.get("/jobs", summary="The caller's jobs, newest first")
 async def list_jobs(
     request: Request,
-    key: AdmittedKeyDep,
+    key: ApiKeyDep,
     db: DatabaseDep,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
@@ -171,29 +218,29 @@ async def list_jobs(
     return {"jobs": [_job_summary(job) for job in jobs], "limit": limit, "offset": offset}
 
 
-@router.get("/jobs/{job_id}", summary="A job: status, progress, items, credits")
-async def get_job(request: Request, key: AdmittedKeyDep, db: DatabaseDep, job_id: JobId) -> Any:
+@reads.get("/jobs/{job_id}", summary="A job: status, progress, items, credits")
+async def get_job(request: Request, key: ApiKeyDep, db: DatabaseDep, job_id: JobId) -> Any:
     return await run_in_threadpool(_job_view, db, job_id, key.id)
 
 
-@router.delete("/jobs/{job_id}", summary="Cancel a job: items not started are not charged")
-async def delete_job(request: Request, key: AdmittedKeyDep, db: DatabaseDep, job_id: JobId) -> Any:
+@reads.delete("/jobs/{job_id}", summary="Cancel a job: items not started are not charged")
+async def delete_job(request: Request, key: ApiKeyDep, db: DatabaseDep, job_id: JobId) -> Any:
     return await _cancel(db, job_id, key.id)
 
 
-@router.post("/jobs/{job_id}/cancel", summary="Cancel a job (same as DELETE)")
-async def cancel_job(request: Request, key: AdmittedKeyDep, db: DatabaseDep, job_id: JobId) -> Any:
+@reads.post("/jobs/{job_id}/cancel", summary="Cancel a job (same as DELETE)")
+async def cancel_job(request: Request, key: ApiKeyDep, db: DatabaseDep, job_id: JobId) -> Any:
     return await _cancel(db, job_id, key.id)
 
 
-@router.get(
+@reads.get(
     "/jobs/{job_id}/result",
     summary="The finished job as a zip: outputs, manifest.csv, manifest.json",
     response_class=StreamingResponse,
     responses={200: {"content": {"application/zip": {}}}},
 )
 async def job_result(
-    request: Request, key: AdmittedKeyDep, db: DatabaseDep, job_id: JobId
+    request: Request, key: ApiKeyDep, db: DatabaseDep, job_id: JobId
 ) -> StreamingResponse:
     job, items = await run_in_threadpool(store.get, db, job_id, key.id)
     if job.status not in FINISHED:
@@ -221,7 +268,7 @@ async def job_result(
     )
 
 
-@router.get(
+@reads.get(
     "/jobs/{job_id}/items/{item}",
     summary="One item's output",
     response_class=Response,
@@ -229,7 +276,7 @@ async def job_result(
 )
 async def job_item(
     request: Request,
-    key: AdmittedKeyDep,
+    key: ApiKeyDep,
     db: DatabaseDep,
     job_id: JobId,
     item: Annotated[int, Path(ge=1, le=1_000_000)],
@@ -289,9 +336,16 @@ async def _read_submission(request: Request, settings: Settings) -> _Submission:
         return _Submission(body.operation, body.options, [], body.webhook_url, {}, body.urls)
     if not content_type.startswith("multipart/form-data"):
         raise InvalidInput("send multipart/form-data (files or a zip) or application/json (urls)")
-    form = await request.form(
-        max_files=settings.job_max_items + 4, max_fields=200, max_part_size=1024 * 1024
-    )
+    try:
+        form = await request.form(
+            max_files=settings.job_max_items + 4, max_fields=200, max_part_size=1024 * 1024
+        )
+    except HTTPException as exc:  # the multipart parser's limits (starlette answers 400)
+        if "too many files" in str(exc.detail).lower():
+            raise PayloadTooLarge(
+                f"the job has more than {settings.job_max_items} files; that is the limit"
+            ) from None
+        raise InvalidInput(f"the form could not be read: {exc.detail}") from None
     operation = form.get("operation")
     if not isinstance(operation, str):
         raise InvalidInput("the form field `operation` is missing")
@@ -326,6 +380,30 @@ async def _read_submission(request: Request, settings: Settings) -> _Submission:
     return _Submission(
         operation, options, uploads, webhook if isinstance(webhook, str) else None, shared
     )
+
+
+def _capped(request: Request, limit: int) -> Request:
+    """The request with a body that raises PayloadTooLarge once more than `limit` bytes came:
+    a body without Content-Length (chunked) is not spooled past the limit."""
+    receive = request.receive
+    seen = 0
+
+    async def capped_receive() -> Message:
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise PayloadTooLarge(f"the job passes the limit of {limit} bytes")
+        return message
+
+    return Request(request.scope, capped_receive)
+
+
+def _check_shared(shared: Mapping[str, bytes], ctx: Context) -> None:
+    """A background or mask every item uses must be an image: refused now, not item by item."""
+    for name, data in shared.items():
+        images.decode(data, ctx.limits, what=name)
 
 
 def _unpack(filename: str, data: bytes, settings: Settings) -> list[_Upload]:
@@ -440,14 +518,20 @@ async def _create(
     )
     secret = None
     if submission.webhook_url is not None:
-        existing = await run_in_threadpool(notify.secret_of, db, key.id)
-        if existing is None:
-            secret = await run_in_threadpool(notify.new_secret, db, key.id)
-    job = await run_in_threadpool(
-        lambda: store.create(
-            db, runtime.files, key, new, hold_ttl=timedelta(hours=settings.job_hold_hours)
+        # Made before the job (a job that finishes at once finds it), shown with this job only;
+        # forgotten again when the job is not created, so that the next job shows one.
+        secret = await run_in_threadpool(notify.first_secret, db, key.id)
+    try:
+        job = await run_in_threadpool(
+            lambda: store.create(
+                db, runtime.files, key, new, hold_ttl=timedelta(hours=settings.job_hold_hours)
+            )
         )
-    )
+    except BaseException:
+        if secret is not None:
+            with anyio.CancelScope(shield=True):
+                await run_in_threadpool(notify.forget_secret, db, key.id, secret)
+        raise
     try:
         await run_in_threadpool(sweeper.dispatch_new, db, runtime.dispatcher, job.id)
     except Exception:
@@ -532,7 +616,10 @@ def _job_view(db: Any, job_id: str, key_id: int) -> dict[str, Any]:
             "name": it.name,
             "status": it.status,
             "attempts": it.attempts,
-            "credits": it.charged if it.status == "succeeded" else it.credits,
+            # charged once it succeeded, held while it is open, nothing once failed or canceled
+            "credits": (it.charged or 0)
+            if it.status == "succeeded"
+            else (it.credits if it.status in ITEM_OPEN else 0),
             "error": None
             if it.error_code is None
             else {"code": it.error_code, "message": it.error_message},

@@ -5,12 +5,16 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import Depends, File, Form, Request, Response, UploadFile
+from starlette.concurrency import run_in_threadpool
 
+from imgsvc.fetch import FetchPolicy
 from imgsvc.operations import remove_background as operation
 from imgsvc.operations.cutout.pipeline import ZIP_MEDIA_TYPE
+from imgsvc.operations.sources import one_source
 from imgsvc.routes.deps import SettingsDep
 from imgsvc.routes.forms import form_fields
 from imgsvc.routes.gate import AdmittedKeyDep, operation_router
+from imgsvc.routes.jobs import ASYNC_DESCRIPTION, prefers_async, respond_async
 from imgsvc.routes.metered import IMAGE_RESPONSES, metered_call, read_upload
 
 router = operation_router("remove-background")
@@ -37,6 +41,9 @@ FORMATS = "JPEG, PNG, WebP, GIF (first frame), TIFF, BMP, HEIC/HEIF or AVIF"
     response_class=Response,
     responses=RESPONSES,
     summary="Remove the background of a photo, optionally laid out for a marketplace",
+    description="Send the photo as exactly one of `image`, `image_url` or `image_base64`; "
+    "`bg_image` or `bg_image_url` puts the subject on a background. Only useful results are "
+    "charged: an empty or full-frame mask costs 0." + ASYNC_DESCRIPTION,
 )
 async def remove_background(
     request: Request,
@@ -59,4 +66,35 @@ async def remove_background(
         bg_image=None if bg_image is None else await read_upload(bg_image, limit, "bg_image"),
         bg_image_url=bg_image_url,
     )
+    if prefers_async(request) and not request.state.dry_run:
+        image_bytes, shared = await run_in_threadpool(
+            _sources, options, inputs, request.app.state.context.fetch
+        )
+        return await respond_async(request, key, operation.OPERATION, options, image_bytes, shared)
     return await metered_call(request, key, lambda ctx: operation.prepare(options, inputs, ctx))
+
+
+def _sources(
+    options: operation.RemoveBackgroundOptions,
+    inputs: operation.RemoveBackgroundInputs,
+    policy: FetchPolicy,
+) -> tuple[bytes, dict[str, bytes]]:
+    """The photo's bytes and the background's (fetched when given by URL), for a job."""
+    operation.resolve(options, None)  # every option that needs no image, before any fetch
+    image = one_source(
+        data=inputs.image,
+        url=inputs.image_url,
+        b64=inputs.image_base64,
+        names=inputs.names,
+        policy=policy,
+    )
+    if inputs.bg_image is None and not inputs.bg_image_url:
+        return image, {}
+    bg = one_source(
+        data=inputs.bg_image,
+        url=inputs.bg_image_url,
+        b64=None,
+        names=(*inputs.bg_names, f"{inputs.bg_names[0]}_base64"),
+        policy=policy,
+    )
+    return image, {"bg_image": bg}
