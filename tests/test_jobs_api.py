@@ -42,20 +42,28 @@ def zip_of(members: dict[str, bytes]) -> bytes:
     return buf.getvalue()
 
 
-@pytest.fixture(scope="module")
-def jobs_server(tmp_path_factory: pytest.TempPathFactory, repo_weights: Path) -> Iterator[Server]:
-    tmp = tmp_path_factory.mktemp("jobs")
+def serve_jobs(
+    factory: pytest.TempPathFactory, repo_weights: Path, name: str, **env: str
+) -> Iterator[Server]:
+    """A real server on its own SQLite database and job folder, sweeping every 0.5 s."""
+    tmp = factory.mktemp(name)
     weights = linked_weights(tmp / "weights", repo_weights, None)
     srv = start_server(
-        tmp,
-        weights,
-        IMGSVC_JOBS_DIR=str(tmp / "jobs"),
-        IMGSVC_JOB_SWEEP_SECONDS="0.5",
-        IMGSVC_URL_FETCH_ALLOW_CIDRS="127.0.0.1/32",
-        IMGSVC_WEBHOOK_RETRY_SCHEDULE="0.2,0.2,0.2",
+        tmp, weights, IMGSVC_JOBS_DIR=str(tmp / "jobs"), IMGSVC_JOB_SWEEP_SECONDS="0.5", **env
     )
     yield srv
     stop_server(srv)
+
+
+@pytest.fixture(scope="module")
+def jobs_server(tmp_path_factory: pytest.TempPathFactory, repo_weights: Path) -> Iterator[Server]:
+    yield from serve_jobs(
+        tmp_path_factory,
+        repo_weights,
+        "jobs",
+        IMGSVC_URL_FETCH_ALLOW_CIDRS="127.0.0.1/32",
+        IMGSVC_WEBHOOK_RETRY_SCHEDULE="0.2,0.2,0.2",
+    )
 
 
 def wait_finished(client: httpx.Client, job_id: str, timeout: float = 180) -> dict[str, Any]:
@@ -560,19 +568,14 @@ def test_a_key_without_the_scope_cannot_submit_that_operation(jobs_server: Serve
 
 @pytest.fixture(scope="module")
 def tight_server(tmp_path_factory: pytest.TempPathFactory, repo_weights: Path) -> Iterator[Server]:
-    tmp = tmp_path_factory.mktemp("jobs-tight")
-    weights = linked_weights(tmp / "weights", repo_weights, None)
-    srv = start_server(
-        tmp,
-        weights,
-        IMGSVC_JOBS_DIR=str(tmp / "jobs"),
-        IMGSVC_JOB_SWEEP_SECONDS="0.5",
+    yield from serve_jobs(
+        tmp_path_factory,
+        repo_weights,
+        "jobs-tight",
         IMGSVC_JOB_RETENTION_HOURS="0.0003",  # about a second
         IMGSVC_JOB_MAX_ITEMS="3",
         IMGSVC_JOB_MAX_BYTES="300000",
     )
-    yield srv
-    stop_server(srv)
 
 
 def jobs_dir(server: Server) -> Path:
