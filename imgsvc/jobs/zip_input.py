@@ -150,7 +150,7 @@ def read_zip(source: bytes | BinaryIO, limits: ZipLimits) -> list[ZipMember]:
     try:
         fp.seek(0)
         archive = zipfile.ZipFile(fp)
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError, NotImplementedError, struct.error):
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, struct.error):
         raise _bad_archive() from None
     with archive:
         infos = archive.infolist()
@@ -226,6 +226,9 @@ def _is_junk(name: str) -> bool:
     )
 
 
+_READABLE_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
+
+
 def _read(
     archive: zipfile.ZipFile,
     info: zipfile.ZipInfo,
@@ -237,14 +240,14 @@ def _read(
     shown = shown_name(name)
     if name.lower().endswith(_ARCHIVE_SUFFIXES):
         return ZipMember(name, None, _nested(shown))
-    try:
-        stream = archive.open(info)
-    except NotImplementedError:
+    if info.compress_type not in _READABLE_METHODS:
         error: ServiceError = UnsupportedCompression(
             f"{shown} uses a compression method that is not supported; zip it again with the "
             "standard (deflate) compression or none"
         )
         return ZipMember(name, None, error)
+    try:
+        stream = archive.open(info)
     except (zipfile.BadZipFile, EOFError, OSError, ValueError, struct.error):
         raise _bad_archive() from None
     with stream:
