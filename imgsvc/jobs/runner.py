@@ -15,7 +15,6 @@ import logging
 import os
 import socket
 import threading
-import time
 from datetime import timedelta
 from typing import Literal
 
@@ -28,6 +27,7 @@ from imgsvc.jobs import store
 from imgsvc.jobs.files import JobFiles
 from imgsvc.operations.catalog import operation_kind
 from imgsvc.operations.context import Context
+from imgsvc.operations.execute import run_admitted
 
 log = logging.getLogger("imgsvc.jobs")
 Outcome = Literal["succeeded", "failed", "retry", "skipped", "duplicate"]
@@ -80,11 +80,8 @@ class ItemRunner:
             data = self.files.read(claimed.job_id, claimed.input_path)
             shared = self.files.shared(claimed.job_id)
             prepared = kind.prepare(options, data, shared, self.ctx)
-            admission = self.ctx.registry.admission
-            with admission.admit(prepared.operation) as ticket, ticket.running():
-                started = time.perf_counter()
-                result = prepared.run()
-                duration_ms = round((time.perf_counter() - started) * 1000)
+            with self.ctx.registry.admission.admit(prepared.operation) as ticket:
+                result, duration_ms = run_admitted(prepared, ticket)
         except ServiceError as exc:
             if exc.code == "queue_full":  # the device is busy with synchronous calls: later
                 store.release_lease(self.db, claimed)

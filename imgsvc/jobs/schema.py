@@ -48,7 +48,6 @@ class Job(Base):
     result_url: Mapped[str] = mapped_column(Text)  # absolute URL of the result, for webhooks
     retention_s: Mapped[int] = mapped_column(Integer)  # results kept this long once finished
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
-    started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
     expires_at: Mapped[datetime | None] = mapped_column(default=None)
 

@@ -14,7 +14,7 @@ from imgsvc.billing.charge import Meter
 from imgsvc.billing.keys import KeyInfo
 from imgsvc.billing.metering import UsageRecord
 from imgsvc.errors import ServiceError
-from imgsvc.models.admission import Admission
+from imgsvc.models.admission import Admission, Ticket
 from imgsvc.operations.prepared import Prepared, Result
 
 
@@ -56,11 +56,7 @@ def execute(
             price_version=prepared.price_version,
         ) as charge,
     ):
-        with ticket.running():
-            _check(cancelled)
-            started = time.perf_counter()
-            result = prepared.run()
-            duration_ms = round((time.perf_counter() - started) * 1000)
+        result, duration_ms = run_admitted(prepared, ticket, cancelled)
         _check(cancelled)
         usage = UsageRecord(
             operation=prepared.operation,
@@ -74,6 +70,17 @@ def execute(
         credits = prepared.credits if result.credits is None else result.credits
         charged, remaining = charge.capture(credits=credits, usage=usage)
     return Charged(result, charged, remaining)
+
+
+def run_admitted(
+    prepared: Prepared, ticket: Ticket, cancelled: threading.Event | None = None
+) -> tuple[Result, int]:
+    """Run an admitted call in its device slot: (result, milliseconds the work took)."""
+    with ticket.running():
+        _check(cancelled)
+        started = time.perf_counter()
+        result = prepared.run()
+        return result, round((time.perf_counter() - started) * 1000)
 
 
 def _check(cancelled: threading.Event | None) -> None:

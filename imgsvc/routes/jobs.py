@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime, timedelta
 from typing import Annotated, Any
 
@@ -262,7 +262,7 @@ async def job_result(
     ]
     filename = f"{job.id}.zip"
     return StreamingResponse(
-        _iterate(stream_zip(entries)),
+        stream_zip(entries),
         media_type="application/zip",
         headers={"Content-Disposition": f'attachment; filename="{filename}"'},
     )
@@ -551,10 +551,6 @@ async def _cancel(db: Any, job_id: str, key_id: int) -> Any:
 
 
 # --- views ----------------------------------------------------------------------------------
-
-
-def _iterate(chunks: Iterator[bytes]) -> Iterator[bytes]:
-    yield from chunks
 
 
 def _ts(value: datetime | None) -> str | None:

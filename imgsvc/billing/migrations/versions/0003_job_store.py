@@ -41,7 +41,6 @@ def upgrade() -> None:
         sa.Column("result_url", sa.Text(), nullable=False),
         sa.Column("retention_s", sa.Integer(), nullable=False),
         sa.Column("created_at", sa.DateTime(), nullable=False),
-        sa.Column("started_at", sa.DateTime(), nullable=True),
         sa.Column("finished_at", sa.DateTime(), nullable=True),
         sa.Column("expires_at", sa.DateTime(), nullable=True),
         sa.ForeignKeyConstraint(
