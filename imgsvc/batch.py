@@ -29,9 +29,10 @@ from typing import IO, Any, TextIO
 
 import httpx
 
-from imgsvc.client import ApiError, Client, is_finished, new_idempotency_key
+from imgsvc.client import ApiError, Client, InvalidResponse, Job, JobItem, new_idempotency_key
+from imgsvc.client.options import Operation
 
-OPERATIONS = ("remove-background", "upscale", "inpaint")
+OPERATIONS: tuple[Operation, ...] = ("remove-background", "upscale", "inpaint")
 IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".gif", ".tif", ".tiff", ".bmp", ".heic", ".heif", ".avif"}
 )
@@ -385,19 +386,12 @@ class Failure:
     message: str
 
 
-def save_outputs(client: Client, job: Mapping[str, Any], out: Path) -> list[Failure]:
+def save_outputs(client: Client, job: Job, out: Path) -> list[Failure]:
     """Download a finished job's results into --out; the items that gave no output."""
     job_id = _job_id(job)
-    items = [i for i in job.get("items") or [] if isinstance(i, dict)]
-    wanted = {
-        str(i["output_name"]): str(i.get("name"))
-        for i in items
-        if i.get("status") == "succeeded" and i.get("output_name")
-    }
+    wanted = {i.output_name: i.name for i in job.items if i.status == "succeeded" and i.output_name}
     failures = [
-        Failure(str(i.get("name")), *_error_of(i))
-        for i in items
-        if i.get("status") in ("failed", "canceled")
+        Failure(i.name, *_item_error(i)) for i in job.items if i.status in ("failed", "canceled")
     ]
     written: set[str] = set()
     if wanted:
@@ -408,7 +402,9 @@ def save_outputs(client: Client, job: Mapping[str, Any], out: Path) -> list[Fail
                 zip_path, out, wanted, out / MANIFESTS_DIR / f"{job_id}.json"
             )
         except zipfile.BadZipFile:
-            raise ApiError(200, "invalid_result", f"the result of {job_id} is not a zip") from None
+            raise InvalidResponse(
+                200, "invalid_result", f"the result of {job_id} is not a zip"
+            ) from None
         finally:
             with contextlib.suppress(OSError):
                 zip_path.unlink()
@@ -437,11 +433,17 @@ def _error_of(item: Mapping[str, Any]) -> tuple[str, str]:
     return status, f"item {status}"
 
 
-def _job_id(job: Mapping[str, Any]) -> str:
-    job_id = job.get("id")
-    if not isinstance(job_id, str) or not _JOB_ID.fullmatch(job_id) or job_id.strip(".") == "":
-        raise ApiError(200, "invalid_response", f"the service answered a job id {job_id!r}")
-    return job_id
+def _item_error(item: JobItem) -> tuple[str, str]:
+    if item.error is not None:
+        return item.error.code or "failed", item.error.message
+    return item.status, f"item {item.status}"
+
+
+def _job_id(job: Job) -> str:
+    """The job's id, checked to be safe in a file name."""
+    if not _JOB_ID.fullmatch(job.id) or job.id.strip(".") == "":
+        raise InvalidResponse(200, "invalid_response", f"the service answered a job id {job.id!r}")
+    return job.id
 
 
 # -- progress ----------------------------------------------------------------------------------
@@ -457,14 +459,14 @@ class Progress:
         self._last: tuple[int, ...] | None = None
         self._open = False
 
-    def update(self, jobs: Iterable[Mapping[str, Any]]) -> None:
+    def update(self, jobs: Iterable[Job]) -> None:
         total = done = failed = charged = 0
         for job in jobs:
-            p = job.get("progress") or {}
-            total += int(p.get("total", 0))
-            failed += int(p.get("failed", 0)) + int(p.get("canceled", 0))
-            done += int(p.get("succeeded", 0)) + int(p.get("failed", 0)) + int(p.get("canceled", 0))
-            charged += int((job.get("credits") or {}).get("charged", 0))
+            p = job.progress
+            total += p.total
+            failed += p.failed + p.canceled
+            done += p.done
+            charged += job.credits_charged
         now = time.monotonic()
         if self._start is None:
             self._start = (now, done)
@@ -606,10 +608,11 @@ class _Batch:
         self.out: Path = args.out
         self.state_path = self.out / STATE_NAME
         self.command = command
+        self.operation = _operation(command.operation)
         self.sources = sources
         self.by_name = {s.name: s for s in sources}
         self.client = client
-        self.jobs: dict[str, dict[str, Any]] = {}  # idempotency key → latest job object
+        self.jobs: dict[str, Job] = {}  # idempotency key → latest job object
         self.progress = Progress(sys.stderr)
         self.state_saved = False
         self.refused: list[Failure] = []  # images of chunks the service refused as a whole
@@ -689,20 +692,13 @@ class _Batch:
         err = sys.stderr
         total = 0
         for chunk in chunks:
-            quote = self.client.submit_job(
-                self.command.operation,
-                self._files(chunk),
-                options=self.command.options,
-                dry_run=True,
+            quote = self.client.quote_job(
+                self.operation, self._files(chunk), options=self.command.options
             )
-            chunk.quoted_credits = int(quote.get("credits", 0))
+            chunk.quoted_credits = quote.credits
             total += chunk.quoted_credits
-            for failed in quote.get("failed") or []:
-                error = failed.get("error") or {}
-                err.write(
-                    f"  would fail: {failed.get('name')}: {error.get('code')}: "
-                    f"{error.get('message')}\n"
-                )
+            for failed in quote.failed:
+                err.write(f"  would fail: {failed.name}: {failed.code}: {failed.message}\n")
         images = sum(len(c.files) for c in chunks)
         if total <= self.args.confirm_over or self.args.yes:
             return True
@@ -720,7 +716,7 @@ class _Batch:
         err.write("nothing spent\n")
         return False
 
-    def _files(self, chunk: Chunk) -> list[tuple[str, Path | bytes]]:
+    def _files(self, chunk: Chunk) -> list[tuple[str, Path]]:
         return [(name, self.by_name[name].path) for name in chunk.files]
 
     def _save(self, state: State) -> None:
@@ -734,7 +730,7 @@ class _Batch:
             self._save(state)  # the key is on disk before the service can see it
             try:
                 job = self.client.submit_job(
-                    self.command.operation,
+                    self.operation,
                     self._files(chunk),
                     options=self.command.options,
                     webhook_url=self.command.webhook_url,
@@ -770,7 +766,7 @@ class _Batch:
                 assert chunk.job_id is not None
                 job = self.client.job(chunk.job_id)
                 self.jobs[chunk.idempotency_key] = job
-                if is_finished(job):
+                if job.finished:
                     failures.extend(self._finish(state, chunk, job))
                     pending.remove(chunk)
             self.progress.update(self.jobs.values())
@@ -779,13 +775,13 @@ class _Batch:
         self.progress.end_line()
         return failures
 
-    def _finish(self, state: State, chunk: Chunk, job: Mapping[str, Any]) -> list[Failure]:
+    def _finish(self, state: State, chunk: Chunk, job: Job) -> list[Failure]:
         """Save a finished chunk's outputs and record them; the items without an output."""
         lost = save_outputs(self.client, job, self.out)
         bad = {f.name for f in lost}
-        for item in job.get("items") or []:
-            name = str(item.get("name"))
-            if item.get("status") == "succeeded" and name in chunk.files and name not in bad:
+        for item in job.items:
+            name = item.name
+            if item.status == "succeeded" and name in chunk.files and name not in bad:
                 state.outputs[name] = chunk.files[name]
         chunk.downloaded = True
         self._save(state)
@@ -798,13 +794,13 @@ class _Batch:
             for c in plan.state.chunks
             if c.idempotency_key in self.jobs
         ]
-        charged = sum(int((j.get("credits") or {}).get("charged", 0)) for j in jobs)
+        charged = sum(j.credits_charged for j in jobs)
         failed_names = {f.name for f in failures}
         succeeded = sum(
             1
             for j in jobs
-            for i in j.get("items") or []
-            if i.get("status") == "succeeded" and str(i.get("name")) not in failed_names
+            for i in j.items
+            if i.status == "succeeded" and i.name not in failed_names
         )
         out.write(f"succeeded: {succeeded}\n")
         out.write(f"failed: {len(failures)}\n")
@@ -815,6 +811,13 @@ class _Batch:
         if failures:
             out.write("rerun the same command to retry the failed images\n")
         return EXIT_FAILED_ITEMS if failures else EXIT_OK
+
+
+def _operation(name: str) -> Operation:
+    for operation in OPERATIONS:
+        if operation == name:
+            return operation
+    raise UsageError(f"unknown operation {name!r}")
 
 
 def _command_line() -> str:

@@ -436,17 +436,14 @@ def test_a_job_naming_an_output_outside_out_is_not_written(
     assert "a.jpg: output_refused" in capsys.readouterr().out
 
 
-def test_503_is_retried_after_retry_after_with_the_same_key(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_503_is_retried_after_retry_after_with_the_same_key() -> None:
     waits: list[float] = []
-    monkeypatch.setattr(client, "_sleep", waits.append)
     busy = error(503, "queue_full", "busy")
     busy.headers["Retry-After"] = "0.05"
     fake = FakeJobsApi(faults=[("POST", busy), ("GET", httpx.ConnectError("refused"))])
-    with Client(API, KEY, transport=fake.transport) as api:
+    with Client(API, KEY, transport=fake.transport, sleep=waits.append) as api:
         job = api.submit_job("upscale", [("a.jpg", b"a")], options={"scale": "2"})
-        assert api.job(job["id"])["status"] == "succeeded"
+        assert api.job(job.id).status == "succeeded"
     posts = [r for r in fake.seen if r.method == "POST"]
     assert len(posts) == 2
     assert posts[0].headers["idempotency-key"] == posts[1].headers["idempotency-key"]
@@ -456,7 +453,7 @@ def test_503_is_retried_after_retry_after_with_the_same_key(
 
 
 def test_retry_after_is_capped_and_retries_end() -> None:
-    policy = client.RetryPolicy(retries=2, max_retry_after_s=5.0)
+    policy = client.RetryPolicy(max_attempts=3, max_retry_after=5.0)
     assert 5.0 <= (policy.delay(0, 3600.0) or 0) <= 5.6
     assert policy.delay(2, 1.0) is None
     assert client.parse_retry_after("7") == 7.0 and client.parse_retry_after("soon") is None
@@ -468,7 +465,7 @@ def test_api_error_has_code_message_request_id_and_never_the_key(
     poor = error(402, "insufficient_credits", "top up", credits_required=50, credits_remaining=3)
     fake = FakeJobsApi(faults=[("POST", poor)])
     with Client(API, KEY, transport=fake.transport) as api, pytest.raises(ApiError) as caught:
-        api.submit_job("upscale", [("a.jpg", b"a")], dry_run=True)
+        api.quote_job("upscale", [("a.jpg", b"a")])
     exc = caught.value
     assert (exc.status, exc.code, exc.message) == (402, "insufficient_credits", "top up")
     assert exc.request_id == "req_fake"
@@ -476,7 +473,7 @@ def test_api_error_has_code_message_request_id_and_never_the_key(
     assert exc.__cause__ is None
 
     down = FakeJobsApi(faults=[("GET", httpx.ConnectError(f"refused Bearer {KEY}"))] * 3)
-    with Client(API, KEY, retries=2, transport=down.transport) as api:
+    with Client(API, KEY, max_attempts=3, transport=down.transport, sleep=lambda s: None) as api:
         with pytest.raises(ApiError) as caught_down:
             api.job("job_1")
         assert KEY not in repr(api)
