@@ -2,11 +2,12 @@
 record it with its charge (one transaction). The in-process pool and the Celery worker both
 call `ItemRunner.run`, so both behave alike; neither knows HTTP.
 
-Outcomes: `succeeded`; `failed` (the input or its options are bad: the hold is released, no
-retry); `retry` (an unexpected error: the lease is given back and another attempt made, up to
-the attempt limit); `skipped` (not claimable: finished, canceled or leased by a live worker —
-what a broker's duplicate delivery gets); `duplicate` (run, but another delivery committed first:
-its output is deleted and nothing is charged).
+Outcomes: `succeeded`; `failed` (the input or its options are bad, or the job folder has no
+room for the output: the hold is released, no retry); `retry` (an unexpected error: the lease
+is given back and another attempt made, up to the attempt limit); `skipped` (not claimable:
+finished, canceled or leased by a live worker — what a broker's duplicate delivery gets);
+`duplicate` (run, but another delivery committed first: its output is deleted and nothing is
+charged).
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from typing import Literal
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from imgsvc import metrics
 from imgsvc.billing.db import Database
 from imgsvc.errors import ServiceError
 from imgsvc.images import MEDIA_TYPES
 from imgsvc.jobs import store
-from imgsvc.jobs.files import JobFiles
+from imgsvc.jobs.files import JobFiles, StorageFull
 from imgsvc.operations.catalog import operation_kind
 from imgsvc.operations.context import Context
 from imgsvc.operations.execute import run_admitted
@@ -65,10 +67,12 @@ class ItemRunner:
             self.db, item_id, owner=owner, lease=self.lease, max_attempts=self.max_attempts
         )
         if claimed is None:
-            return "skipped"
+            return metrics.count_job_item("skipped")
+        if claimed.attempts > 1:
+            metrics.JOB_ITEMS_REDELIVERED.inc()
         self._track(claimed.id, owner)
         try:
-            return self._run_claimed(claimed)
+            return metrics.count_job_item(self._run_claimed(claimed))
         finally:
             with self._guard:
                 self._running.pop(claimed.id, None)
@@ -100,7 +104,12 @@ class ItemRunner:
             store.release_lease(self.db, claimed)
             return "retry"
         ext = _EXT.get(result.media_type, "")
-        path = self.files.write_output(claimed.job_id, claimed.item, ext, result.body)
+        try:
+            path = self.files.write_output(claimed.job_id, claimed.item, ext, result.body)
+        except StorageFull as exc:  # the folder is full: fail now, uncharged, not run again
+            log.warning("item %s.%d: %s", claimed.job_id, claimed.item, exc.message)
+            store.fail(self.db, claimed, exc)
+            return "failed"
         credits = prepared.credits if result.credits is None else result.credits
         out = store.Output(
             path=path,

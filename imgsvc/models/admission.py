@@ -44,6 +44,11 @@ class Ticket:
         self._admission = admission
         self._queue = queue
 
+    @property
+    def device(self) -> str:
+        """Where the call runs (`cpu` or `cuda`), for metrics."""
+        return self._admission.device
+
     @contextlib.contextmanager
     def running(self) -> Iterator[None]:
         with self._queue.slots, self._admission.device_lock():
@@ -63,7 +68,9 @@ class Admission:
         depth: Mapping[Any, int | None],
         *,
         exclusive: bool,
+        device: str = "cpu",
     ) -> None:
+        self.device = device
         self._queues = {
             op: _Queue(threading.Semaphore(n), n, depth.get(op)) for op, n in slots.items()
         }

@@ -17,6 +17,7 @@ from functools import partial
 from pathlib import Path
 from typing import Literal, TypeVar
 
+from imgsvc import metrics
 from imgsvc.errors import ModelUnavailable, UnknownModel
 from imgsvc.models.admission import Admission
 from imgsvc.models.background.remover import BackgroundRemover
@@ -103,7 +104,10 @@ class Registry:
         self.weights_dir = weights_dir
         self.device = device
         self.admission = Admission(
-            concurrency, {"inpaint": inpaint_queue_depth}, exclusive=device.is_cuda
+            concurrency,
+            {"inpaint": inpaint_queue_depth},
+            exclusive=device.is_cuda,
+            device=device.device,
         )
         self._strict_gpu = requested_device == "cuda"
         self._upscale_tile = upscale_tile
@@ -276,7 +280,8 @@ class Registry:
                     entry = self.entries(operation).get(name)
                     if entry is None:
                         raise UnknownModel(f"unknown {operation} model {name!r}")
-                    engine = self._engines[key] = entry.load()
+                    with metrics.model_load(operation, name):
+                        engine = self._engines[key] = entry.load()
         if not isinstance(engine, kind):
             raise TypeError(f"{operation}/{name} is a {type(engine).__name__}, not {kind}")
         return engine

@@ -10,6 +10,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from imgsvc import metrics
 from imgsvc.billing.charge import Meter
 from imgsvc.billing.keys import KeyInfo
 from imgsvc.billing.metering import UsageRecord
@@ -55,6 +56,7 @@ def execute(
             request_id=request_id,
             price_version=prepared.price_version,
         ) as charge,
+        metrics.Settlement(prepared.operation, prepared.credits) as settlement,
     ):
         result, duration_ms = run_admitted(prepared, ticket, cancelled)
         _check(cancelled)
@@ -69,6 +71,7 @@ def execute(
         )
         credits = prepared.credits if result.credits is None else result.credits
         charged, remaining = charge.capture(credits=credits, usage=usage)
+        settlement.captured(charged)
     return Charged(result, charged, remaining)
 
 
@@ -76,7 +79,9 @@ def run_admitted(
     prepared: Prepared, ticket: Ticket, cancelled: threading.Event | None = None
 ) -> tuple[Result, int]:
     """Run an admitted call in its device slot: (result, milliseconds the work took)."""
-    with ticket.running():
+    device_call = metrics.DeviceCall(prepared.operation, prepared.model, ticket.device)
+    with device_call, ticket.running():
+        device_call.started()
         _check(cancelled)
         started = time.perf_counter()
         result = prepared.run()

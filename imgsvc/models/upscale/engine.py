@@ -30,6 +30,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from imgsvc import metrics
 from imgsvc.errors import InvalidInput, ModelUnavailable
 from imgsvc.models.device import DeviceSpec, cpu_has_native_bf16
 from imgsvc.models.upscale.tiling import (
@@ -394,6 +395,7 @@ class Upscaler:
             half = max(batch.shape[-2:]) // 2
             if half < TILE_FLOOR:
                 raise
+            metrics.OOM_RETRIES.labels(self.name).inc()
             with self._lock:
                 self._tile_cap = min(self._tile_cap, half)
             log.warning("%s: out of GPU memory, tiles now at most %d px", self.name, half)
