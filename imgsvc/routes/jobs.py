@@ -42,6 +42,7 @@ from imgsvc.operations.context import Context
 from imgsvc.routes.deps import ApiKeyDep, DatabaseDep
 from imgsvc.routes.gate import AdmittedKeyDep, gated_route
 from imgsvc.routes.metered import request_fingerprint
+from imgsvc.routes.openapi import JobList, JobQuote, JobView, errors, job_request_body
 
 log = logging.getLogger("imgsvc.jobs")
 router = APIRouter(prefix="/v1", tags=["jobs"], route_class=gated_route(None))
@@ -83,7 +84,12 @@ JOB_DESCRIPTION = (
     status_code=202,
     summary="Submit a batch job (many images, one operation)",
     description=JOB_DESCRIPTION,
-    responses={202: {"description": "The job (also at `Location`)."}},
+    responses={
+        200: {"model": JobQuote, "description": "`?dry_run=true`: the job's quote."},
+        202: {"model": JobView, "description": "The job (also at `Location`)."},
+        **errors(402, 409, 413, 415, 507),
+    },
+    openapi_extra={"requestBody": job_request_body(JobSubmission.model_json_schema())},
 )
 async def submit_job(
     request: Request,
@@ -206,7 +212,7 @@ def prefers_async(request: Request) -> bool:
     return any(p.strip().lower() == "respond-async" for p in prefer.split(","))
 
 
-@reads.get("/jobs", summary="The caller's jobs, newest first")
+@reads.get("/jobs", summary="The caller's jobs, newest first", responses={200: {"model": JobList}})
 async def list_jobs(
     request: Request,
     key: ApiKeyDep,
@@ -218,17 +224,29 @@ async def list_jobs(
     return {"jobs": [_job_summary(job) for job in jobs], "limit": limit, "offset": offset}
 
 
-@reads.get("/jobs/{job_id}", summary="A job: status, progress, items, credits")
+@reads.get(
+    "/jobs/{job_id}",
+    summary="A job: status, progress, items, credits",
+    responses={200: {"model": JobView}, **errors(404)},
+)
 async def get_job(request: Request, key: ApiKeyDep, db: DatabaseDep, job_id: JobId) -> Any:
     return await run_in_threadpool(_job_view, db, job_id, key.id)
 
 
-@reads.delete("/jobs/{job_id}", summary="Cancel a job: items not started are not charged")
+@reads.delete(
+    "/jobs/{job_id}",
+    summary="Cancel a job: items not started are not charged",
+    responses={200: {"model": JobView}, **errors(404)},
+)
 async def delete_job(request: Request, key: ApiKeyDep, db: DatabaseDep, job_id: JobId) -> Any:
     return await _cancel(db, job_id, key.id)
 
 
-@reads.post("/jobs/{job_id}/cancel", summary="Cancel a job (same as DELETE)")
+@reads.post(
+    "/jobs/{job_id}/cancel",
+    summary="Cancel a job (same as DELETE)",
+    responses={200: {"model": JobView}, **errors(404)},
+)
 async def cancel_job(request: Request, key: ApiKeyDep, db: DatabaseDep, job_id: JobId) -> Any:
     return await _cancel(db, job_id, key.id)
 
@@ -237,7 +255,7 @@ async def cancel_job(request: Request, key: ApiKeyDep, db: DatabaseDep, job_id: 
     "/jobs/{job_id}/result",
     summary="The finished job as a zip: outputs, manifest.csv, manifest.json",
     response_class=StreamingResponse,
-    responses={200: {"content": {"application/zip": {}}}},
+    responses={200: {"content": {"application/zip": {}}}, **errors(404, 409)},
 )
 async def job_result(
     request: Request, key: ApiKeyDep, db: DatabaseDep, job_id: JobId
@@ -272,7 +290,17 @@ async def job_result(
     "/jobs/{job_id}/items/{item}",
     summary="One item's output",
     response_class=Response,
-    responses={200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}}},
+    responses={
+        200: {
+            "content": {
+                "image/png": {},
+                "image/jpeg": {},
+                "image/webp": {},
+                "application/zip": {},
+            }
+        },
+        **errors(404, 409),
+    },
 )
 async def job_item(
     request: Request,
