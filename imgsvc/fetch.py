@@ -5,8 +5,11 @@ private, link-local incl. 169.254.169.254, CGNAT, multicast, reserved, unspecifi
 form that embeds one); the connection goes to the checked address itself (the URL is rewritten
 to the IP, with the original Host header and TLS server name), so a second DNS answer cannot
 redirect it (DNS rebinding); every redirect is checked the same way, at most `MAX_REDIRECTS`;
-the body is capped at the upload limit and the whole fetch at a deadline. Proxies from the
-environment are ignored. `allow` lists networks an operator trusts (tests use 127.0.0.1/32).
+the body is capped at the upload limit and the whole fetch (headers and body of every hop,
+however slowly the peer sends them) at a deadline, shut at the socket; the body is read as sent
+(`Accept-Encoding: identity`, no transparent decompression, so a small compressed answer cannot
+inflate in memory). Proxies from the environment are ignored. `allow` lists networks an
+operator trusts (tests use 127.0.0.1/32).
 
 `check_url` applies the same rules without connecting (a webhook URL when a job is submitted);
 `post` sends one POST under them (webhook deliveries): no redirects followed, the socket pinned
@@ -165,16 +168,22 @@ def fetch(url: str, policy: FetchPolicy, *, what: str = "image_url") -> bytes:
     deadline = time.monotonic() + policy.timeout_s
     current = url.strip()
     with httpx.Client(
-        trust_env=False, follow_redirects=False, timeout=policy.timeout_s, verify=True
+        trust_env=False,
+        follow_redirects=False,
+        timeout=policy.timeout_s,
+        verify=True,
+        limits=httpx.Limits(max_keepalive_connections=0),  # each hop's socket has its guard
     ) as client:
         for _ in range(MAX_REDIRECTS + 1):
             target = _target(current, policy.allow, what)
-            try:
-                body, location = _get_once(client, target, policy, deadline, what)
-            except httpx.TimeoutException as exc:
-                raise UrlFetchFailed(f"{what} timed out after {policy.timeout_s:g} s") from exc
-            except httpx.HTTPError as exc:
-                raise UrlFetchFailed(f"{what} could not be fetched ({type(exc).__name__})") from exc
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise UrlFetchFailed(f"{what} timed out after {policy.timeout_s:g} s")
+            with _Guard(target.ip, left) as guard:
+                try:
+                    body, location = _get_once(client, target, policy, guard, what)
+                except httpx.HTTPError as exc:
+                    raise guard.failure(exc, what, policy.timeout_s) from exc
             if location is None:
                 return body
             current = urljoin(current, location)
@@ -182,13 +191,18 @@ def fetch(url: str, policy: FetchPolicy, *, what: str = "image_url") -> bytes:
 
 
 def _get_once(
-    client: httpx.Client, target: _Target, policy: FetchPolicy, deadline: float, what: str
+    client: httpx.Client, target: _Target, policy: FetchPolicy, guard: _Guard, what: str
 ) -> tuple[bytes, str | None]:
     request = client.build_request(
         "GET",
         target.url,
-        headers={"Host": target.host_header, "Accept": "image/*", "User-Agent": "imgsvc"},
-        extensions={"sni_hostname": target.hostname},
+        headers={
+            "Host": target.host_header,
+            "Accept": "image/*",
+            "Accept-Encoding": "identity",
+            "User-Agent": "imgsvc",
+        },
+        extensions={"sni_hostname": target.hostname, "trace": guard.trace},
     )
     response = client.send(request, stream=True)
     try:
@@ -202,20 +216,25 @@ def _get_once(
             return b"", location
         if response.status_code != 200:
             raise UrlFetchFailed(f"{what} answered HTTP {response.status_code}")
+        encoding = response.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            raise UrlFetchFailed(
+                f"{what} answered a compressed body (Content-Encoding: {encoding[:40]}); "
+                "serve the image file as it is"
+            )
         declared = response.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > policy.max_bytes:
             raise PayloadTooLarge(f"{what} is {declared} bytes; the limit is {policy.max_bytes}")
         chunks: list[bytes] = []
         size = 0
-        for chunk in response.iter_bytes():
+        for chunk in response.iter_raw():
             size += len(chunk)
             if size > policy.max_bytes:
                 raise PayloadTooLarge(f"{what} is over the limit of {policy.max_bytes} bytes")
-            if time.monotonic() > deadline:
-                raise UrlFetchFailed(f"{what} took longer than {policy.timeout_s:g} s")
             chunks.append(chunk)
         return b"".join(chunks), None
     finally:
+        guard.stop()
         response.close()
 
 
@@ -303,7 +322,8 @@ def _post_target(url: str, policy: FetchPolicy, what: str) -> _Target:
 
 
 class _Guard:
-    """Holds one POST to its checked address and deadline, at the socket.
+    """Holds one request (a fetch's hop, a POST) to its checked address and deadline, at the
+    socket.
 
     The socket is shut as soon as it is connected if the peer is not the checked address (so
     nothing is sent there), and when the deadline passes, however the peer paces its answer.

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import struct
 import warnings
+import zlib
 from dataclasses import dataclass
 from typing import Literal
 
@@ -11,7 +13,7 @@ import numpy as np
 import pillow_heif
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
-from imgsvc.errors import InvalidImage, PayloadTooLarge, UnsupportedMediaType
+from imgsvc.errors import InvalidImage, InvalidInput, PayloadTooLarge, UnsupportedMediaType
 from imgsvc.png_stream import encode_png
 
 OutputFormat = Literal["png", "webp", "jpg"]
@@ -37,34 +39,91 @@ class Limits:
     max_pixels: int
 
 
+# What Pillow and its plugins raise on a file that is cut short or corrupt: its own decoders
+# (OSError, SyntaxError, ValueError incl. metadata that decompresses past its limits, EOFError),
+# the HEIF and AVIF plugins (RuntimeError, EOFError), its header parsers (struct.error,
+# IndexError, and TypeError for a TIFF offset of the wrong type; OverflowError for one past
+# what a file offset can hold).
+_CORRUPT = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    RuntimeError,
+    struct.error,
+    IndexError,
+    TypeError,
+    OverflowError,
+)
+# How Pillow's messages start for text or profile chunks that inflate past its limits.
+_METADATA_TOO_LARGE = ("decompressed data too large", "too much memory used in text chunks")
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
 def decode(data: bytes, limits: Limits, *, what: str = "image") -> Image.Image:
     """Bytes → upright sRGB image in mode RGB or RGBA, or a clear 4xx error."""
     if not data:
         raise InvalidImage(f"{what} is empty")
     if len(data) > limits.max_bytes:
         raise PayloadTooLarge(f"{what} is {len(data)} bytes; the limit is {limits.max_bytes}")
+    with warnings.catch_warnings():  # Pillow warns about corrupt metadata it then skips
+        warnings.simplefilter("ignore")
+        img = _open(data, what)
+        if img.format not in ACCEPTED_FORMATS:
+            raise UnsupportedMediaType(f"{what} format {img.format} is not supported")
+        w, h = img.size
+        if w * h > limits.max_pixels:
+            raise PayloadTooLarge(
+                f"{what} is {w}x{h} = {w * h} pixels; limit is {limits.max_pixels}"
+            )
+        if img.format == "PNG":
+            _check_png_data(data, what)
+        try:
+            img.load()
+            ImageOps.exif_transpose(img, in_place=True)  # no copy when already upright
+            return _to_srgb_8bit(img)
+        except _CORRUPT as exc:
+            raise _corrupt(exc, what) from exc
+
+
+def _open(data: bytes, what: str) -> Image.Image:
     try:
-        img: Image.Image = Image.open(io.BytesIO(data))
+        return Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise UnsupportedMediaType(
             f"{what} is not a supported image "
             "(send JPEG, PNG, WebP, GIF, TIFF, BMP, HEIC/HEIF or AVIF)"
         ) from None
-    except (OSError, SyntaxError, ValueError) as exc:  # a header cut short or corrupt
-        raise InvalidImage(f"{what} could not be decoded (truncated or corrupt file)") from exc
-    if img.format not in ACCEPTED_FORMATS:
-        raise UnsupportedMediaType(f"{what} format {img.format} is not supported")
-    w, h = img.size
-    if w * h > limits.max_pixels:
-        raise PayloadTooLarge(f"{what} is {w}x{h} = {w * h} pixels; limit is {limits.max_pixels}")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            img.load()
-            ImageOps.exif_transpose(img, in_place=True)  # no copy when already upright
-            return _to_srgb_8bit(img)
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise InvalidImage(f"{what} could not be decoded (truncated or corrupt file)") from exc
+    except _CORRUPT as exc:  # a header cut short or corrupt
+        raise _corrupt(exc, what) from exc
+
+
+def _corrupt(exc: Exception, what: str) -> InvalidImage:
+    if isinstance(exc, ValueError) and str(exc).lower().startswith(_METADATA_TOO_LARGE):
+        return InvalidImage(
+            f"{what} has metadata (text or colour profile) that decompresses past the limit; "
+            "strip the metadata and send it again"
+        )
+    return InvalidImage(f"{what} could not be decoded (truncated or corrupt file)")
+
+
+def _check_png_data(data: bytes, what: str) -> None:
+    """Pillow checks the CRC of every PNG chunk but the image data's (IDAT, fdAT): check those,
+    so a file whose pixels were damaged is refused as corrupt, as libpng refuses it."""
+    view = memoryview(data)
+    at = len(_PNG_SIGNATURE)
+    while at + 12 <= len(data):
+        length, kind = struct.unpack_from(">I4s", data, at)
+        end = at + 12 + length
+        if end > len(data):
+            return  # cut short: the decoder says so
+        if kind in (b"IDAT", b"fdAT"):
+            (crc,) = struct.unpack_from(">I", data, end - 4)
+            if zlib.crc32(view[at + 4 : end - 4]) != crc:  # the type and the data
+                raise InvalidImage(f"{what} could not be decoded (corrupt PNG data: bad CRC)")
+        elif kind == b"IEND":
+            return
+        at = end
 
 
 def _to_srgb_8bit(img: Image.Image) -> Image.Image:
@@ -95,6 +154,21 @@ def _to_srgb_8bit(img: Image.Image) -> Image.Image:
     return img
 
 
+# The largest side each output format can hold (PNG's is far past any pixel limit).
+MAX_SIDE: dict[str, int] = {"webp": 16383, "jpg": 65500}
+
+
+def check_encodable(size: tuple[int, int], fmt: str) -> None:
+    """InvalidInput when an output of `size` cannot be written as `fmt`: checked before the
+    work runs, so nothing is computed for a result that could not be delivered."""
+    limit = MAX_SIDE.get(fmt)
+    if limit is not None and max(size) > limit:
+        raise InvalidInput(
+            f"a {size[0]}x{size[1]} output cannot be written as {fmt} (at most {limit} pixels "
+            "a side); ask for png"
+        )
+
+
 def encode(
     img: Image.Image, fmt: OutputFormat, *, quality: int = 90, srgb_profile: bool = False
 ) -> bytes:
@@ -102,6 +176,7 @@ def encode(
 
     `srgb_profile` embeds the sRGB ICC profile (marketplaces that require tagged sRGB).
     """
+    check_encodable(img.size, fmt)
     profile = SRGB_ICC if srgb_profile else None
     if fmt == "png" and img.mode in _FAST_PNG_MODES:
         # Deflate level 1, ISA-L where installed: much faster than Pillow's encoder for the

@@ -3,7 +3,8 @@
 Nothing is extracted or written to disk. The whole upload is refused when it is not a readable
 zip (`BadArchive`), when it holds a name that could escape a folder, a symbolic link, an
 encrypted member or entries whose data overlap (`UnsafeArchive`), or when it holds too many
-images, too many bytes or expands like a zip bomb (`ArchiveTooLarge`). Declared sizes are not
+images, too many bytes or expands like a zip bomb (`ArchiveTooLarge`); a member's name longer
+than `MAX_NAME_CHARS` is refused as unreadable (`BadArchive`). Declared sizes are not
 trusted: every member is read in chunks and the bytes actually produced are counted, so reading
 stops as soon as a limit is passed. A member that fails on its own (an archive inside the
 archive, a corrupt member, an unsupported compression method) comes back as an item with its
@@ -34,6 +35,7 @@ from imgsvc.errors import (
 CHUNK_BYTES = 64 * 1024
 RATIO_ALLOWANCE_BYTES = 1024 * 1024  # the expansion ratio is checked past this many bytes only
 SHOWN_NAME_CHARS = 100
+MAX_NAME_CHARS = 200  # a member's path, as an uploaded file's name is kept (the item's name)
 _ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
 # Other archive formats by their first bytes: 7z, RAR, gzip, bzip2, xz, zstd.
 _ARCHIVE_MAGICS = (
@@ -150,7 +152,7 @@ def read_zip(source: bytes | BinaryIO, limits: ZipLimits) -> list[ZipMember]:
     try:
         fp.seek(0)
         archive = zipfile.ZipFile(fp)
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError, struct.error):
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, struct.error, NotImplementedError):
         raise _bad_archive() from None
     with archive:
         infos = archive.infolist()
@@ -174,7 +176,7 @@ def _plan(infos: list[zipfile.ZipInfo], limits: ZipLimits) -> Iterator[tuple[zip
     checked = [(info, _checked_name(info)) for info in infos]
     members = 0
     for info, name in checked:
-        if info.is_dir() or name is None or _is_junk(name):
+        if name is None or info.filename.endswith("/") or _is_junk(name):
             continue
         members += 1
         if members > limits.max_members:
@@ -196,11 +198,17 @@ def _checked_name(info: zipfile.ZipInfo) -> str | None:
         )
     name = safe_member_name(raw)
     if name is None:
-        if info.is_dir() and safe_member_name(raw + "x") is not None:
+        is_dir = info.filename.endswith("/")  # ZipInfo.is_dir() fails on an empty name
+        if is_dir and safe_member_name(raw + "x") is not None:
             return None  # "./" and the like: a directory that names nothing
         raise UnsafeArchive(
             f"the archive holds the unsafe name {shown}; names must be relative paths without "
             "'..', leading '/', drive letters, backslashes or NUL bytes: zip the folder again"
+        )
+    if len(name) > MAX_NAME_CHARS:
+        raise BadArchive(
+            f"the archive holds a name of {len(name)} characters ({shown}); names must be at "
+            f"most {MAX_NAME_CHARS} characters, folders included"
         )
     return name
 
@@ -248,6 +256,15 @@ def _read(
         return ZipMember(name, None, error)
     try:
         stream = archive.open(info)
+    except NotImplementedError:  # a zip feature Python cannot read (e.g. patched data)
+        return ZipMember(
+            name,
+            None,
+            UnsupportedCompression(
+                f"{shown} uses a zip feature that is not supported; zip it again with "
+                "the standard tools"
+            ),
+        )
     except (zipfile.BadZipFile, EOFError, OSError, ValueError, struct.error):
         raise _bad_archive() from None
     with stream:

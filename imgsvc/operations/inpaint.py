@@ -106,6 +106,7 @@ def prepare(options: InpaintOptions, inputs: InpaintInputs, ctx: Context) -> Pre
     if text and options.steps > ctx.max_inpaint_steps:
         raise InvalidInput(f"steps must be at most {ctx.max_inpaint_steps}")
     img = images.decode(inputs.image, ctx.limits)
+    images.check_encodable(img.size, options.format)
     hole, from_alpha = _hole(img, inputs.mask, options.mask_boxes, ctx)
     grow, blur = (PROMPT_GROW, PROMPT_BLUR) if text else (ERASE_GROW, ERASE_BLUR)
     alpha = masks.blend_mask(

@@ -85,6 +85,7 @@ def quote(options: UpscaleOptions, width: int, height: int, ctx: Context) -> Quo
 def prepare(options: UpscaleOptions, inputs: UpscaleInputs, ctx: Context) -> Prepared:
     img = images.decode(inputs.image, ctx.limits)
     priced = quote(options, *img.size, ctx)  # the price a quote gives, by construction
+    images.check_encodable(priced.output_size, options.format)
     engine = ctx.registry.upscaler(options.model)
     _check_native_pass(engine, img.size, priced.output_size, ctx.max_output_pixels)
     faces = ctx.registry.face_enhancer() if options.face_enhance else None
