@@ -3,17 +3,27 @@
 
 Every file is written to a temporary name and renamed into place, so a reader never sees half
 a file; a duplicate execution of an item writes its own output name and deletes it when its
-result is not the one committed."""
+result is not the one committed. A full folder raises StorageFull, with no partial file left."""
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import secrets
 import shutil
 from pathlib import Path
 
+from imgsvc.errors import ServiceError
+
 _JOB_ID = re.compile(r"^job_[0-9a-f]{24}$")
+_FULL = {errno.ENOSPC, errno.EDQUOT}
+
+
+class StorageFull(ServiceError):
+    """The job folder has no room for a file (no space, or the quota is reached)."""
+
+    code = "insufficient_storage"
 
 
 class JobFiles:
@@ -59,15 +69,20 @@ class JobFiles:
 
     def _write(self, job_id: str, relative: str, data: bytes) -> str:
         final = self.path(job_id, relative)
-        final.parent.mkdir(parents=True, exist_ok=True)
         tmp = final.with_name(f".{final.name}.{secrets.token_hex(4)}.tmp")
         try:
+            final.parent.mkdir(parents=True, exist_ok=True)
             with open(tmp, "wb") as fh:
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, final)
-        except BaseException:
+        except BaseException as exc:
             tmp.unlink(missing_ok=True)
+            if isinstance(exc, OSError) and exc.errno in _FULL:
+                raise StorageFull(
+                    f"the job storage has no room for {len(data)} more bytes; nothing was "
+                    "charged: retry later, or with fewer or smaller images"
+                ) from exc
             raise
         return relative
