@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 export NUMBA_CACHE_DIR := $(CURDIR)/$(VENV)/numba-cache
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup weights serve test lint bench clean
+.PHONY: setup weights browser serve test lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "imgsvc needs Python >= 3.11 (set PYTHON=python3.11)")'
@@ -24,12 +24,18 @@ serve: weights
 	$(PY) -m imgsvc serve --dev-key
 
 lint: setup
-	$(VENV)/bin/ruff check imgsvc tests bench
+	$(VENV)/bin/ruff check imgsvc tests bench examples
 	$(VENV)/bin/lint-imports
-	$(VENV)/bin/ruff format --check imgsvc tests bench
+	$(VENV)/bin/ruff format --check imgsvc tests bench examples
 	$(VENV)/bin/mypy
 
-test: weights lint
+# The browser test drives Debian's Chromium (no browser download), installed once.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null; }
+
+test: weights lint browser
 	$(PY) -m pytest
 
 clean:

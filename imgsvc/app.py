@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
-import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
+from typing import Any
 
 from anyio import CapacityLimiter
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from imgsvc import __version__
@@ -43,8 +47,14 @@ from imgsvc.routes import (
     remove_background,
     removebg_compat,
     upscale,
+    web,
 )
-from imgsvc.routes.errors import error_headers, error_status, validation_message
+from imgsvc.routes.deps import new_request_id
+from imgsvc.routes.edge import FORM_BYTES, Edge, RoutePolicies
+from imgsvc.routes.errors import error_body, error_headers, error_status, validation_message
+from imgsvc.routes.metrics import router as metrics_router
+from imgsvc.routes.observe import RequestMetrics
+from imgsvc.routes.openapi import install as install_openapi
 
 log = logging.getLogger("imgsvc")
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -112,9 +122,50 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(module.router)
     app.include_router(jobs.reads)
     app.include_router(removebg_compat.router)
+    app.include_router(web.router)
+    app.include_router(metrics_router)
+    raw_limits = {"/v1/jobs": settings.job_max_bytes + FORM_BYTES}
+    policies = RoutePolicies(app.routes, settings.max_upload_bytes, raw_limits)
+    app.add_middleware(
+        Edge,
+        policies=policies,
+        body_timeout_s=settings.body_timeout_s,
+    )
+    app.add_middleware(RequestMetrics, routes=app.routes)
     app.add_middleware(RequestIds)
-    _install_error_handlers(app)
+    if settings.cors_origins.strip():
+        app.add_middleware(CORSMiddleware, **_cors(settings.cors_origins))
+    _install_error_handlers(app, policies)
+    install_openapi(app)  # /openapi.json documents the errors every route answers
     return app
+
+
+def _cors(origins: str) -> dict[str, Any]:
+    """CORS for the listed origins: the key headers may be sent, our answer headers read."""
+    return {
+        "allow_origins": [o.strip() for o in origins.split(",") if o.strip()],
+        "allow_methods": ["GET", "POST", "DELETE"],
+        "allow_headers": [
+            "Authorization",
+            "X-API-Key",
+            "Content-Type",
+            "Idempotency-Key",
+            "X-Client-Ref",
+            "Prefer",
+            "X-Request-Id",
+        ],
+        "expose_headers": [
+            "X-Request-Id",
+            "X-Credits-Charged",
+            "X-Credits-Remaining",
+            "X-Credits-Required",
+            "Retry-After",
+            "RateLimit",
+            "RateLimit-Policy",
+            "Location",
+        ],
+        "max_age": 600,
+    }
 
 
 async def _sweep_forever(db: Database, interval: float) -> None:
@@ -157,28 +208,58 @@ class RequestIds:
             await self.app(scope, receive, send)
             return
         incoming = Headers(scope=scope).get("x-request-id", "")
-        rid = incoming if _SAFE_REQUEST_ID.match(incoming) else f"req_{secrets.token_hex(12)}"
+        from_caller = bool(_SAFE_REQUEST_ID.match(incoming))
         state = scope.setdefault("state", {})
-        state["request_id"] = rid
+        state["request_id"] = incoming if from_caller else new_request_id()
+        state["request_id_from_caller"] = from_caller
+
+        started = False
 
         async def send_with_ids(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 headers = MutableHeaders(scope=message)
-                headers["X-Request-Id"] = rid
+                headers["X-Request-Id"] = state["request_id"]  # a route may have replaced it
                 for name, value in state.get("extra_headers", {}).items():
                     headers.setdefault(name, value)
             await send(message)
 
-        await self.app(scope, receive, send_with_ids)
+        try:
+            await self.app(scope, receive, send_with_ids)
+        except ClientDisconnect:  # nobody is left to answer
+            log.info("client went away: %s %s", scope["method"], scope["path"])
+        except Exception:
+            # Logged here once (re-raising would have the server log it again), answered as JSON.
+            log.exception("unhandled error in %s %s", scope["method"], scope["path"])
+            if not started:
+                await _send_internal_error(send_with_ids, state["request_id"])
+
+
+async def _send_internal_error(send: Send, rid: str) -> None:
+    body = json.dumps(
+        error_body("internal_error", "internal error; quote the request_id", rid)
+    ).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 500,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
 
 
 def _error(request: Request, status: int, code: str, message: str, **extra: object) -> JSONResponse:
     rid = getattr(request.state, "request_id", "")
-    body = {"error": {"code": code, "message": message, "request_id": rid, **extra}}
+    body = error_body(code, message, rid, **extra)
     return JSONResponse(body, status_code=status, headers={"X-Request-Id": rid})
 
 
-def _install_error_handlers(app: FastAPI) -> None:
+def _install_error_handlers(app: FastAPI, policies: RoutePolicies) -> None:
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
         status = error_status(exc)
@@ -195,9 +276,19 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
-        return _error(request, exc.status_code, code, str(exc.detail))
+        response = _error(request, exc.status_code, code, str(exc.detail))
+        response.headers.update(exc.headers or {})
+        if exc.status_code == 405:  # the methods of every router's routes at this path
+            response.headers["Allow"] = ", ".join(policies.allowed_methods(request.url.path))
+        return response
 
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error in %s %s", request.method, request.url.path)
-        return _error(request, 500, "internal_error", "internal error; quote the request_id")
+    async def database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+        log.warning("database unavailable: %s", type(exc).__name__)
+        response = _error(
+            request, 503, "database_unavailable", "the database is unavailable; retry shortly"
+        )
+        response.headers["Retry-After"] = "1"
+        return response
+
+    for outage in (OperationalError, InterfaceError, DisconnectionError, PoolTimeout):
+        app.add_exception_handler(outage, database_unavailable)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from dataclasses import asdict
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from imgsvc import logs
 from imgsvc.billing.db import Database
 from imgsvc.config import Settings
 
@@ -21,7 +21,6 @@ def _prepare_process() -> None:
     os.environ.setdefault("NUMBA_CACHE_DIR", str(Path(sys.prefix) / "numba-cache"))
     # Weights come only from weights/: never let a library reach for a model hub.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
 
 
 def _db(settings: Settings) -> Database:
@@ -31,10 +30,9 @@ def _db(settings: Settings) -> Database:
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
-    import uvicorn
-
     from imgsvc.app import create_app
     from imgsvc.models.device import DeviceUnavailable
+    from imgsvc.server import serve
 
     host = args.host or settings.host
     port = args.port or settings.port
@@ -49,7 +47,15 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     except DeviceUnavailable as exc:
         print(f"imgsvc: {exc}", file=sys.stderr)
         return 2
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    serve(
+        app,
+        host=host,
+        port=port,
+        max_header_bytes=settings.max_header_bytes,
+        log_level="info",
+        log_config=None,  # uvicorn's records go to the handler of imgsvc.logs (text or JSON)
+        access_log=False,  # one request line each comes from routes/observe.py instead
+    )
     return 0
 
 
@@ -273,7 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     from imgsvc.errors import ServiceError
 
     try:
-        code: int = args.func(args, Settings())
+        settings = Settings()
+        logs.configure(settings.log_format)
+        code: int = args.func(args, settings)
     except ServiceError as exc:
         print(f"imgsvc: {exc.message}", file=sys.stderr)
         return 1

@@ -52,6 +52,29 @@ class Settings(BaseSettings):
     preload_models: bool = setting(
         True, "server", "load the default models at start (`/readyz` turns 200 when done)"
     )
+    max_header_bytes: int = setting(
+        32 * 1024, "server", "largest request line + headers (431 past it)", ge=1024
+    )
+    body_timeout_s: float = setting(
+        30.0, "server", "a request body that stalls this long before it is complete: 408", gt=0
+    )
+    cors_origins: str = setting(
+        "",
+        "server",
+        "comma-separated origins allowed to call the API from a browser, or `*` (unset: none)",
+    )
+    metrics_token: SecretStr | None = setting(
+        None,
+        "server",
+        "bearer token `GET /metrics` requires (unset: /metrics is open; keep it off the public "
+        "network then)",
+    )
+    log_format: Literal["auto", "text", "json"] = setting(
+        "auto",
+        "server",
+        "log lines as `text` or one JSON object per line (`json`); `auto`: text on a terminal, "
+        "JSON otherwise",
+    )
     # -- billing
     prices_file: Path | None = setting(
         None, "billing", "price table TOML (unset: the shipped `imgsvc/billing/prices.toml`)"

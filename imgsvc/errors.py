@@ -49,6 +49,12 @@ class PayloadTooLarge(ServiceError):
     code = "payload_too_large"
 
 
+class RequestTimeout(ServiceError):
+    """The request's body stopped arriving before it was complete."""
+
+    code = "request_timeout"
+
+
 class ModelUnavailable(ServiceError):
     """The requested model's weights are not installed; the message names the file(s) to add."""
 

@@ -12,11 +12,31 @@ from pathlib import Path
 
 import pytest
 
-from tests.utils import REPO, Server, linked_weights, photo_bytes, start_server, stop_server
+from tests.utils import (
+    REPO,
+    SECRETS,
+    SERVER_LOGS,
+    Server,
+    linked_weights,
+    photo_bytes,
+    start_server,
+    stop_server,
+)
 
 # Same defaults as the CLI sets for the server process (must precede any rembg import).
 os.environ.setdefault("NUMBA_CACHE_DIR", str(Path(sys.prefix) / "numba-cache"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_secret_in_server_logs() -> Iterator[None]:
+    """After the whole run: no server log holds a key or an admin token the tests used."""
+    yield
+    leaks = []
+    for log in SERVER_LOGS:
+        text = log.read_text(errors="replace") if log.exists() else ""
+        leaks += [f"{log}: {secret[:8]}…" for secret in SECRETS if secret in text]
+    assert not leaks, f"secrets in server logs: {leaks}"
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parent / "data"
+# Every key and admin token handed to a test server, and every server log: at the end of the
+# run no log may hold any of them (tests/conftest.py).
+SECRETS: set[str] = set()
+SERVER_LOGS: list[Path] = []
 
 
 def linked_weights(root: Path, repo_weights: Path, pipeline: Path | None) -> Path:
@@ -57,13 +61,28 @@ class Server:
         return done.stdout
 
     def new_key(self, credits: int, name: str = "test") -> str:
-        return self.cli("keys", "create", "--name", name, "--credits", str(credits)).splitlines()[
-            -1
-        ]
+        out = self.cli("keys", "create", "--name", name, "--credits", str(credits))
+        key = out.splitlines()[-1]
+        SECRETS.add(key)
+        return key
 
     def client(self, key: str | None = None) -> httpx.Client:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=300)
+        return httpx.Client(
+            base_url=self.url,
+            headers=headers,
+            timeout=300,
+            event_hooks={"response": [_remember_new_keys]},
+        )
+
+
+def _remember_new_keys(response: httpx.Response) -> None:
+    """A key the API created (`201 {"key": …}`) joins SECRETS."""
+    if response.status_code == 201 and "json" in response.headers.get("content-type", ""):
+        response.read()
+        body = response.json()
+        if isinstance(body, dict) and isinstance(body.get("key"), str):
+            SECRETS.add(body["key"])
 
 
 def start_server(tmp: Path, weights: Path, *args: str, **env: str) -> Server:
@@ -78,6 +97,9 @@ def start_server(tmp: Path, weights: Path, *args: str, **env: str) -> Server:
         **env,
     }
     log = tmp / "server.log"
+    SERVER_LOGS.append(log)
+    if full_env.get("IMGSVC_ADMIN_TOKEN"):
+        SECRETS.add(full_env["IMGSVC_ADMIN_TOKEN"])
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "imgsvc", "serve", "--port", str(port), *args],

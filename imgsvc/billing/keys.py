@@ -13,20 +13,25 @@ import string
 import threading
 import time
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Literal
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, aliased
 
 from imgsvc.billing.db import Database
+from imgsvc.billing.limits import MAX_CREDITS
 from imgsvc.billing.schema import Account, ApiKey, LedgerEntry, utcnow
-from imgsvc.errors import Forbidden, InvalidInput, NotFound, Unauthorized
+from imgsvc.errors import Conflict, Forbidden, InvalidInput, NotFound, Unauthorized
 
 PREFIX = "isk_"
 OPERATION_SCOPES = ("remove-background", "upscale", "inpaint")
 RESELLER_SCOPE = "keys:children"
 ALL_SCOPES = (*OPERATION_SCOPES, RESELLER_SCOPE)
+OperationScope = Literal["remove-background", "upscale", "inpaint"]
+Scope = Literal["remove-background", "upscale", "inpaint", "keys:children"]
 _ALPHABET = string.ascii_letters + string.digits
 _RANDOM_LEN = 32
 _CHECK_LEN = 6
@@ -90,7 +95,7 @@ def current_month(now: datetime | None = None) -> str:
     return (now or utcnow()).strftime("%Y-%m")
 
 
-def parse_scopes(scopes: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
+def parse_scopes(scopes: str | Sequence[str] | None) -> tuple[str, ...]:
     """Validate scopes; None means every operation (not the reseller scope)."""
     if scopes is None:
         return OPERATION_SCOPES
@@ -167,13 +172,13 @@ def create_key(
     *,
     name: str,
     credits: int,
-    scopes: str | list[str] | tuple[str, ...] | None = None,
+    scopes: str | Sequence[str] | None = None,
     rate_limit: str | None = None,
     expires_at: datetime | None = None,
 ) -> tuple[KeyInfo, str]:
     """A new account with an initial grant and its first key; returns the secret once."""
-    if credits < 0:
-        raise InvalidInput("credits must be >= 0")
+    if not 0 <= credits <= MAX_CREDITS:
+        raise InvalidInput(f"credits must be 0 to {MAX_CREDITS}")
     scope_tuple = parse_scopes(scopes)
     _validate_rate_limit(rate_limit)
     with db.transaction() as s:
@@ -198,13 +203,13 @@ def create_child_key(
     *,
     name: str,
     monthly_cap: int | None,
-    scopes: str | list[str] | None = None,
+    scopes: str | Sequence[str] | None = None,
 ) -> tuple[KeyInfo, str]:
     """A reseller's sub-key: spends the parent's account, capped per calendar month (UTC)."""
     if not parent.may(RESELLER_SCOPE):
         raise Forbidden(f"this key lacks the {RESELLER_SCOPE!r} scope")
-    if monthly_cap is not None and monthly_cap < 0:
-        raise InvalidInput("monthly_cap must be >= 0")
+    if monthly_cap is not None and not 0 <= monthly_cap <= MAX_CREDITS:
+        raise InvalidInput(f"monthly_cap must be 0 to {MAX_CREDITS}")
     wanted = parse_scopes(scopes)
     allowed = tuple(s for s in wanted if s in parent.scopes and s != RESELLER_SCOPE)
     if not allowed:
@@ -314,17 +319,19 @@ def rotate_key(
 
 def topup(db: Database, key_id: int, credits: int) -> KeyInfo:
     """Add credits to the key's account (ledger row + balance in one transaction)."""
-    if credits <= 0:
-        raise InvalidInput("top-up must be a positive number of credits")
+    if not 0 < credits <= MAX_CREDITS:
+        raise InvalidInput(f"a top-up must be 1 to {MAX_CREDITS} credits")
     with db.transaction() as s:
         row = s.get(ApiKey, key_id)
         if row is None:
             raise NotFound(f"no key with id {key_id}")
-        s.execute(
+        added = s.execute(
             update(Account)
-            .where(Account.id == row.account_id)
+            .where(Account.id == row.account_id, Account.credits <= MAX_CREDITS - credits)
             .values(credits=Account.credits + credits)
         )
+        if added.rowcount != 1:  # type: ignore[attr-defined]
+            raise Conflict(f"the balance would pass the maximum of {MAX_CREDITS} credits")
         s.add(LedgerEntry(account_id=row.account_id, key_id=key_id, delta=credits, kind="topup"))
         return _info(row, _balance(s, row.account_id))
 

@@ -11,6 +11,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
+from imgsvc.billing.limits import MAX_PRICE
 from imgsvc.errors import ConfigurationError
 
 _MP = 1_000_000
@@ -74,6 +75,6 @@ def load_prices(path: Path | None = None) -> PriceTable:
     except (OSError, KeyError, TypeError, tomllib.TOMLDecodeError) as exc:
         raise PriceTableError(f"price table {path or '(default)'} is unreadable: {exc}") from exc
     for name, value in vars(table).items():
-        if name != "version" and (not isinstance(value, int) or value < 0):
-            raise PriceTableError(f"price {name} must be a non-negative integer, got {value!r}")
+        if name != "version" and (not isinstance(value, int) or not 0 <= value <= MAX_PRICE):
+            raise PriceTableError(f"price {name} must be an integer 0 to {MAX_PRICE}: {value!r}")
     return table

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import io
 from dataclasses import asdict, dataclass, fields
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from sqlalchemy import Select, String, cast, func, select
@@ -107,6 +107,8 @@ def month_bounds(month: str) -> tuple[datetime, datetime]:
         start = datetime.strptime(month, "%Y-%m")
     except ValueError:
         raise InvalidInput(f"month must look like 2026-11, got {month!r}") from None
+    if not 2000 <= start.year <= 9998:
+        raise InvalidInput(f"month must be from 2000-01 to 9998-12, got {month!r}")
     end = (
         start.replace(year=start.year + 1, month=1)
         if start.month == 12
@@ -122,8 +124,22 @@ def rows_csv(rows: list[Any]) -> str:
         writer = csv.DictWriter(buf, fieldnames=[f.name for f in fields(rows[0])])
         writer.writeheader()
         for row in rows:
-            writer.writerow(asdict(row))
+            writer.writerow({k: _csv_value(v) for k, v in asdict(row).items()})
     return buf.getvalue()
+
+
+def _csv_value(value: Any) -> Any:
+    """Timestamps as RFC 3339 in UTC (the database keeps them naive, in UTC)."""
+    if isinstance(value, datetime):
+        return utc_rfc3339(value)
+    return value
+
+
+def utc_rfc3339(value: datetime) -> str:
+    """A UTC timestamp (naive ones are UTC) as `2026-11-02T10:00:00.123456Z`."""
+    if value.tzinfo is not None:
+        value = value.astimezone(UTC).replace(tzinfo=None)
+    return value.isoformat() + "Z"
 
 
 def usage_csv(rows: list[UsageRow]) -> str:

@@ -2,23 +2,47 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, Query, Response
-from pydantic import BaseModel
+from fastapi import APIRouter, Depends, Header, Path, Query, Response
+from pydantic import AfterValidator, BaseModel, BeforeValidator
 from starlette.concurrency import run_in_threadpool
 
 from imgsvc.billing import usage as usage_store
 from imgsvc.billing.db import Database
 from imgsvc.billing.keys import KeyInfo
+from imgsvc.billing.limits import MAX_ID, MAX_ROWS
 from imgsvc.billing.usage import GroupBy, UsageFilter
 from imgsvc.models.registry import Operation
 from imgsvc.routes.deps import ApiKeyDep, DatabaseDep, FreshApiKeyDep
 
 router = APIRouter(prefix="/v1", tags=["account"])
 CSV_RESPONSES: dict[int | str, dict[str, object]] = {200: {"content": {"text/csv": {}}}}
+
+
+def _utc(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+# The database keeps UTC timestamps without a zone; the API writes them as RFC 3339 (…Z).
+UtcDateTime = Annotated[datetime, AfterValidator(_utc)]
+_ISO_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}")
+
+
+def _iso_only(value: object) -> object:
+    """A date-time given as text must be ISO 8601 (`2026-11-02` or `2026-11-02T10:00:00Z`):
+    a bare number is not taken for Unix seconds."""
+    if isinstance(value, int | float) or (isinstance(value, str) and not _ISO_DATE.match(value)):
+        raise ValueError("must be an ISO 8601 date or date-time, e.g. 2026-11-02T10:00:00Z")
+    return value
+
+
+IsoDateTime = Annotated[datetime, BeforeValidator(_iso_only)]
+STATEMENT_MAX_ROWS = 1_000_000
+MONTH_PATTERN = r"^(2\d{3}|[3-8]\d{3}|9[0-8]\d{2}|99[0-8]\d)-(0[1-9]|1[0-2])$"  # 2000-01..9998-12
 
 
 class AccountPublic(BaseModel):
@@ -30,8 +54,8 @@ class AccountPublic(BaseModel):
     rate_limit: str | None
     monthly_cap: int | None
     month_spent: int
-    expires_at: datetime | None
-    created_at: datetime
+    expires_at: UtcDateTime | None
+    created_at: UtcDateTime
 
 
 class UsagePublic(BaseModel):
@@ -47,7 +71,7 @@ class UsagePublic(BaseModel):
     credits: int
     price_version: str
     duration_ms: int
-    created_at: datetime
+    created_at: UtcDateTime
 
 
 class UsagePage(BaseModel):
@@ -106,11 +130,13 @@ class Page:
 
 
 async def _usage_filter(
-    since: Annotated[datetime | None, Query(description="ISO 8601, inclusive, UTC")] = None,
-    until: Annotated[datetime | None, Query(description="ISO 8601, exclusive, UTC")] = None,
+    since: Annotated[IsoDateTime | None, Query(description="ISO 8601, inclusive, UTC")] = None,
+    until: Annotated[IsoDateTime | None, Query(description="ISO 8601, exclusive, UTC")] = None,
     operation: Operation | None = None,
     client_ref: Annotated[str | None, Query(description="the X-Client-Ref of the calls")] = None,
-    key_id: Annotated[int | None, Query(description="one key (e.g. a sub-key)")] = None,
+    key_id: Annotated[
+        int | None, Query(ge=1, le=MAX_ID, description="one key (e.g. a sub-key)")
+    ] = None,
 ) -> UsageFilter:
     return UsageFilter(
         key_id=key_id,
@@ -121,18 +147,39 @@ async def _usage_filter(
     )
 
 
+OffsetQuery = Annotated[int, Query(ge=0, le=MAX_ROWS)]
+FormatQuery = Annotated[str | None, Query(pattern="^(json|csv)$")]
+AcceptHeader = Annotated[str | None, Header(include_in_schema=False)]
+
+
+def _wants_csv(format: str | None, accept: str | None) -> bool:
+    return format == "csv" or (format is None and accept is not None and "text/csv" in accept)
+
+
 async def _page(
     limit: Annotated[int, Query(ge=1, le=100_000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
-    format: Annotated[str | None, Query(pattern="^(json|csv)$")] = None,
-    accept: Annotated[str | None, Header(include_in_schema=False)] = None,
+    offset: OffsetQuery = 0,
+    format: FormatQuery = None,
+    accept: AcceptHeader = None,
 ) -> Page:
-    csv = format == "csv" or (format is None and accept is not None and "text/csv" in accept)
-    return Page(limit, offset, csv)
+    return Page(limit, offset, _wants_csv(format, accept))
+
+
+async def _statement_page(
+    limit: Annotated[
+        int | None,
+        Query(ge=1, le=STATEMENT_MAX_ROWS, description="CSV rows (default: the whole month)"),
+    ] = None,
+    offset: OffsetQuery = 0,
+    format: FormatQuery = None,
+    accept: AcceptHeader = None,
+) -> Page:
+    return Page(limit or STATEMENT_MAX_ROWS, offset, _wants_csv(format, accept))
 
 
 UsageFilterDep = Annotated[UsageFilter, Depends(_usage_filter)]
 PageDep = Annotated[Page, Depends(_page)]
+StatementPageDep = Annotated[Page, Depends(_statement_page)]
 
 
 async def usage_response(db: Database, where: UsageFilter, page: Page) -> UsagePage | Response:
@@ -191,12 +238,17 @@ async def usage_summary(
     responses=CSV_RESPONSES,
 )
 async def statement(
-    month: str, key: ApiKeyDep, db: DatabaseDep, page: PageDep
+    month: Annotated[str, Path(pattern=MONTH_PATTERN, description="YYYY-MM, 2000-01 to 9998-12")],
+    key: ApiKeyDep,
+    db: DatabaseDep,
+    page: StatementPageDep,
 ) -> UsageSummary | Response:
     start, end = usage_store.month_bounds(month)
     where = visible_usage(key, UsageFilter(since=start, until=end))
     if page.csv:
-        rows = await run_in_threadpool(lambda: usage_store.list_usage(db, where, limit=1_000_000))
+        rows = await run_in_threadpool(
+            lambda: usage_store.list_usage(db, where, limit=page.limit, offset=page.offset)
+        )
         return Response(
             usage_store.usage_csv(rows),
             media_type="text/csv",

@@ -19,12 +19,14 @@ from imgsvc.errors import (
     ModelUnavailable,
     NotFound,
     PayloadTooLarge,
+    RequestTimeout,
     ServiceError,
     Unauthorized,
     UnknownModel,
     UnsupportedMediaType,
 )
 from imgsvc.fetch import UrlFetchFailed, UrlNotAllowed
+from imgsvc.jobs.files import StorageFull
 from imgsvc.operations.execute import Cancelled
 
 # The most specific class in an error's MRO decides.
@@ -37,6 +39,7 @@ STATUS: dict[type[ServiceError], int] = {
     IdempotencyKeyReused: 422,
     UnsupportedMediaType: 415,
     PayloadTooLarge: 413,
+    RequestTimeout: 408,
     Unauthorized: 401,
     InsufficientCredits: 402,
     MonthlyCapReached: 402,
@@ -49,6 +52,7 @@ STATUS: dict[type[ServiceError], int] = {
     Busy: 503,
     ConfigurationError: 500,
     Cancelled: 499,  # the client closed the connection (nobody reads the answer)
+    StorageFull: 507,  # the job folder is full
 }
 
 
@@ -89,3 +93,18 @@ def validation_message(errors: Sequence[Any]) -> str:
         where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "query"))
         parts.append(f"{where}: {err.get('msg', 'invalid')}")
     return "; ".join(parts) or "invalid request"
+
+
+REMOVEBG_PREFIX = "/v1.0/"  # remove.bg's routes answer errors in remove.bg's body
+
+
+def error_body(code: str, message: str, request_id: str, **extra: object) -> dict[str, object]:
+    """The JSON error every failure answers with: `{"error": {code, message, request_id}}`."""
+    return {"error": {"code": code, "message": message, "request_id": request_id, **extra}}
+
+
+def error_body_for(path: str, code: str, message: str, request_id: str) -> dict[str, object]:
+    """`error_body`, or remove.bg's `{"errors": [{title, code, request_id}]}` on its routes."""
+    if path.startswith(REMOVEBG_PREFIX):
+        return {"errors": [{"title": message, "code": code, "request_id": request_id}]}
+    return error_body(code, message, request_id)

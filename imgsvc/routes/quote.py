@@ -5,31 +5,36 @@ The price comes from the operation's own `quote()`, the function its real call p
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictBool
 from starlette.concurrency import run_in_threadpool
 
 from imgsvc.billing.pricing import BackgroundSize
+from imgsvc.errors import PayloadTooLarge
 from imgsvc.operations import inpaint, remove_background, upscale
 from imgsvc.operations.context import Context
 from imgsvc.operations.prepared import Quote as OperationQuote
-from imgsvc.routes.deps import ApiKeyDep, ContextDep
+from imgsvc.routes.deps import NOT_A_BOOLEAN, ApiKeyDep, ContextDep, JsonInt
 
 router = APIRouter(prefix="/v1", tags=["quote"])
 
 
 class QuoteRequest(BaseModel):
     operation: Literal["remove-background", "upscale", "inpaint"]
-    width: int = Field(ge=1, le=100_000, description="input width in pixels")
-    height: int = Field(ge=1, le=100_000, description="input height in pixels")
+    width: JsonInt = Field(ge=1, le=100_000, description="input width in pixels")
+    height: JsonInt = Field(ge=1, le=100_000, description="input height in pixels")
     size: BackgroundSize = Field("full", description="remove-background: preview or full")
-    scale: float | None = Field(None, description="upscale factor 1-8 (default 4)")
-    target_width: int | None = Field(None, ge=1, description="upscale: output width")
-    target_height: int | None = Field(None, ge=1, description="upscale: output height")
-    prompt: bool = Field(False, description="inpaint: with a prompt (else erase)")
-    steps: int = Field(30, ge=1, le=1000, description="inpaint: denoising steps")
+    scale: float | None = Field(None, ge=1, le=8, description="upscale factor 1-8 (default 4)")
+    target_width: Annotated[int, Field(ge=1), NOT_A_BOOLEAN] | None = Field(
+        None, description="upscale: output width"
+    )
+    target_height: Annotated[int, Field(ge=1), NOT_A_BOOLEAN] | None = Field(
+        None, description="upscale: output height"
+    )
+    prompt: StrictBool = Field(False, description="inpaint: with a prompt (else erase)")
+    steps: JsonInt = Field(30, ge=1, le=1000, description="inpaint: denoising steps")
 
 
 class Quote(BaseModel):
@@ -42,7 +47,12 @@ class Quote(BaseModel):
 
 
 def _quote(body: QuoteRequest, ctx: Context) -> OperationQuote:
+    """The operation's own price, after the checks its call makes on an image of this size."""
     w, h = body.width, body.height
+    if w * h > ctx.limits.max_pixels:  # the call would refuse the image when decoding it
+        raise PayloadTooLarge(
+            f"image is {w}x{h} = {w * h} pixels; limit is {ctx.limits.max_pixels}"
+        )
     if body.operation == "remove-background":
         return remove_background.quote(
             remove_background.RemoveBackgroundOptions(size=body.size), w, h, ctx
