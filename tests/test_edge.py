@@ -5,15 +5,18 @@ balances with a maximum, RFC 3339 timestamps, statements, security headers and C
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import socket
 import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 import pytest
+from PIL import Image
 
 from tests.utils import Server, start_server, stop_server
 
@@ -181,19 +184,37 @@ def test_balance_has_a_maximum_and_no_credit_is_lost(edge_server: Server) -> Non
 
 
 def test_statement_months_and_csv_pages(edge_server: Server) -> None:
-    key = edge_server.new_key(10)
+    key = edge_server.new_key(100)
     with edge_server.client(key) as c:
         for month in ("9999-12", "0000-01", "2026-13", "2026-1", "x"):
             r = c.get(f"/v1/statements/{month}")
             assert r.status_code == 422, month
             assert "error" in r.json()
-        ok = c.get("/v1/statements/2026-11", params={"format": "csv", "limit": 1, "offset": 0})
-        assert ok.status_code == 200 and ok.headers["content-type"].startswith("text/csv")
+        for _ in range(3):  # three charged erases this month (OpenCV: no weights needed)
+            buf = io.BytesIO()
+            Image.new("RGB", (24, 24), (200, 40, 40)).save(buf, "PNG")
+            erased = c.post(
+                "/v1/inpaint",
+                data={"mask_boxes": "[[4, 4, 8, 8]]", "model": "opencv-telea"},
+                files={"image": ("x.png", buf.getvalue(), "image/png")},
+            )
+            assert erased.status_code == 200, erased.text
+        month = datetime.now(UTC).strftime("%Y-%m")
+
+        def csv_rows(**page: int) -> list[str]:
+            r = c.get(f"/v1/statements/{month}", params={"format": "csv", **page})
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/csv")
+            return r.text.strip().splitlines()[1:]  # without the header line
+
+        everything = csv_rows()
+        assert len(everything) == 3
+        assert csv_rows(limit=1) == everything[:1]
+        assert csv_rows(limit=1, offset=2) == everything[2:]
+        created_at = everything[0].rsplit(",", 1)[1]  # RFC 3339 in UTC in the CSV too
+        assert created_at.endswith("Z") and datetime.fromisoformat(created_at).tzinfo is not None
 
 
 def test_timestamps_are_rfc3339_with_a_zone(edge_server: Server) -> None:
-    from datetime import datetime
-
     key = edge_server.new_key(10)
     with edge_server.client(key) as c:
         created_at = c.get("/v1/account").json()["created_at"]

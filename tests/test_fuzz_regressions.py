@@ -153,12 +153,14 @@ def test_removebg_answers_every_error_in_its_own_body(server: Server) -> None:
 
 
 def test_topup_past_the_maximum_balance_is_a_conflict(server: Server, key: str) -> None:
-    """POST /v1/admin/keys/1/topup {"credits": 999999999999999} answered 422 on a key holding
-    credits: valid on its own, refused because of the balance, which is a 409."""
+    """A top-up of the largest amount answered 422 on a key holding credits: valid on its own,
+    refused because of the balance, which is a 409."""
+    from imgsvc.billing.limits import MAX_CREDITS
+
     admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     with httpx.Client(base_url=server.url, headers=admin) as c:
         key_id = next(k["id"] for k in c.get("/v1/admin/keys").json() if k["name"] == "reg")
-        response = c.post(f"/v1/admin/keys/{key_id}/topup", json={"credits": 999_999_999_999_999})
+        response = c.post(f"/v1/admin/keys/{key_id}/topup", json={"credits": MAX_CREDITS})
     assert response.status_code == 409, response.text
 
 

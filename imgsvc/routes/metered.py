@@ -23,6 +23,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 
 from imgsvc.billing import idempotency
+from imgsvc.billing.charge import RequestIdTaken
 from imgsvc.billing.idempotency import StoredResponse
 from imgsvc.billing.keys import KeyInfo
 from imgsvc.errors import PayloadTooLarge
@@ -30,6 +31,7 @@ from imgsvc.images import MEDIA_TYPES
 from imgsvc.operations.context import Context
 from imgsvc.operations.execute import Cancelled, Charged, execute
 from imgsvc.operations.prepared import Prepared, Result
+from imgsvc.routes.deps import new_request_id
 
 log = logging.getLogger("imgsvc")
 DISCONNECT_POLL_S = 0.25  # how often a running call checks that its client is still there
@@ -168,6 +170,17 @@ class ChargedCall:
         with self._claim:
             self._cancelled.set()
 
+    def _execute(self) -> Charged:
+        return execute(
+            self._prepared,
+            meter=self._state.meter,
+            admission=self._state.context.registry.admission,
+            key=self._key,
+            request_id=self._request_state.request_id,
+            client_ref=self._request_state.client_ref,
+            cancelled=self._cancelled,
+        )
+
     def _in_thread(self) -> StoredResponse:
         with self._claim:
             if self._cancelled.is_set():
@@ -175,15 +188,15 @@ class ChargedCall:
             self._started.set()
         state, request_state = self._state, self._request_state
         try:
-            outcome = execute(
-                self._prepared,
-                meter=state.meter,
-                admission=state.context.registry.admission,
-                key=self._key,
-                request_id=request_state.request_id,
-                client_ref=request_state.client_ref,
-                cancelled=self._cancelled,
-            )
+            try:
+                outcome = self._execute()
+            except RequestIdTaken:
+                if not getattr(request_state, "request_id_from_caller", False):
+                    raise
+                # The caller's own X-Request-Id is in the ledger already (theirs or another
+                # account's): this call gets an id of the service's, sent back as usual.
+                request_state.request_id = new_request_id()
+                outcome = self._execute()
         except BaseException:
             self._abort()
             raise
