@@ -9,6 +9,12 @@ on any failure. The same code charges a call answered over HTTP and an item run 
 the block without `capture` — an exception, a cancelled call — releases the hold. One thread
 per `Meter` extends the expiry of every running hold every `ttl / 3`, so only a dead process
 lets a hold expire, and then the sweeper gives its credits back.
+
+Calls that reach the database at the same moment share its work: on PostgreSQL the holds of
+one account go in one statement (its balance row is locked once per group, not once per
+call), and captures go in one statement; on SQLite holds go in one transaction, and captures
+in another (one wait for the disk per group). A caller returns only once its own hold or
+capture is committed, and gets its own outcome, as if it had been alone.
 """
 
 from __future__ import annotations
@@ -16,16 +22,27 @@ from __future__ import annotations
 import logging
 import threading
 from datetime import timedelta
+from functools import partial
 from types import TracebackType
 
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from imgsvc.billing import metering
+from imgsvc.billing.combine import Combiner
 from imgsvc.billing.db import Database
 from imgsvc.billing.keys import KeyInfo
-from imgsvc.billing.metering import UsageRecord
+from imgsvc.billing.limits import MAX_CREDITS
+from imgsvc.billing.metering import CaptureRequest, HoldRequest, UsageRecord
+from imgsvc.billing.schema import utcnow
+from imgsvc.errors import Conflict, InsufficientCredits
 
 log = logging.getLogger("imgsvc.billing")
+
+
+class RequestIdTaken(Conflict):
+    """The request id is in the ledger already (a caller's own id sent twice); nothing held."""
+
+    code = "request_id_taken"
 
 
 class Meter:
@@ -38,17 +55,23 @@ class Meter:
         self._guard = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._shared_statement = db.dialect == "postgresql"
+        self._holds = Combiner(partial(metering.reserve_many, db))
+        self._captures = Combiner(partial(metering.capture_many, db))
 
     def hold(self, *, key: KeyInfo, credits: int, request_id: str, price_version: str) -> Charge:
-        """Reserve `credits` now; the returned Charge settles it (use it as a context)."""
-        hold_id = metering.reserve(
-            self.db,
-            key=key,
-            credits=credits,
-            request_id=request_id,
-            ttl=self.ttl,
-            price_version=price_version,
-        )
+        """Reserve `credits` now; the returned Charge settles it (use it as a context).
+        RequestIdTaken when `request_id` was held before."""
+        if credits > MAX_CREDITS:  # no balance can pay it, and no ledger column holds it
+            raise InsufficientCredits(
+                f"this call costs {credits} credits, more than any balance may hold "
+                f"({MAX_CREDITS}); send a smaller image",
+                extra={"credits_required": credits},
+            )
+        try:
+            hold_id = self._reserve(key, credits, request_id, price_version)
+        except IntegrityError:  # the only unique column of a hold is its request id
+            raise RequestIdTaken(f"request id {request_id!r} was used before") from None
         with self._guard:
             self._running.add(hold_id)
             if self._thread is None:
@@ -58,11 +81,32 @@ class Meter:
                 self._thread.start()
         return Charge(self, key=key, hold_id=hold_id, request_id=request_id)
 
+    def _reserve(self, key: KeyInfo, credits: int, request_id: str, price_version: str) -> int:
+        if not self._shared_statement:  # SQLite: every hold in one transaction
+            request = HoldRequest(key, credits, request_id, utcnow() + self.ttl, price_version)
+            hold_id = self._holds.submit(None, request)
+        elif key.monthly_cap is None:  # PostgreSQL: one account's holds in one statement
+            request = HoldRequest(key, credits, request_id, utcnow() + self.ttl, price_version)
+            hold_id = self._holds.submit(key.account_id, request)
+        else:
+            hold_id = metering.reserve(
+                self.db,
+                key=key,
+                credits=credits,
+                request_id=request_id,
+                ttl=self.ttl,
+                price_version=price_version,
+            )
+        return hold_id
+
     def close(self) -> None:
         """Stop the heartbeat (running holds then expire and are swept)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+
+    def _capture(self, request: CaptureRequest) -> tuple[int, int]:
+        return self._captures.submit(None, request)
 
     def _done(self, hold_id: int) -> None:
         with self._guard:
@@ -92,14 +136,8 @@ class Charge:
 
     def capture(self, *, credits: int, usage: UsageRecord) -> tuple[int, int]:
         """Charge `credits` (at most the hold) and record the usage: (charged, remaining)."""
-        charged, remaining = metering.capture(
-            self._meter.db,
-            hold_id=self.hold_id,
-            credits=credits,
-            key=self.key,
-            request_id=self.request_id,
-            usage=usage,
-        )
+        request = CaptureRequest(self.hold_id, credits, self.key, self.request_id, usage)
+        charged, remaining = self._meter._capture(request)
         self._settle()
         return charged, remaining
 

@@ -29,6 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from imgsvc.errors import PayloadTooLarge, RequestTimeout, ServiceError, Unauthorized
 from imgsvc.routes.errors import error_body_for, error_status
 
+DRAIN_BYTES = 64 * 1024  # an unread rest up to this is read and dropped, keeping the connection
 FORM_BYTES = 1024 * 1024  # form fields and multipart framing beside the files; JSON bodies
 KEY_HEADER = "x-api-key"
 SECURITY_HEADERS: tuple[tuple[str, str], ...] = (
@@ -108,6 +109,12 @@ def _has_body(headers: Headers) -> bool:
     return (_declared_length(headers) or 0) > 0 or "transfer-encoding" in headers
 
 
+def _left_unread(headers: Headers, body: _Body) -> int:
+    """Bytes of the body not read yet; a chunked body's rest counts as large."""
+    declared = _declared_length(headers)
+    return DRAIN_BYTES + 1 if declared is None else declared - body.seen
+
+
 def _credentials(headers: Headers) -> bool:
     return bool(headers.get(KEY_HEADER) or headers.get("authorization"))
 
@@ -138,8 +145,11 @@ class Edge:
                 for name, value in SECURITY_HEADERS:
                     out.setdefault(name, value)
                 out.setdefault("Content-Security-Policy", csp)
-                if not body.complete:  # answered before the body was read: the rest of it
-                    out["Connection"] = "close"  # must not be taken for another request
+                cut_short = body.cut is not None  # too long or stalled: never read on
+                if cut_short or (not body.complete and _left_unread(headers, body) > DRAIN_BYTES):
+                    # Answered before a large body was read: the connection is given up rather
+                    # than read to its end (a small rest is read and dropped by the server).
+                    out["Connection"] = "close"
             await send(message)
 
         async def send_checked(message: Message) -> None:
