@@ -152,7 +152,8 @@ def read_zip(source: bytes | BinaryIO, limits: ZipLimits) -> list[ZipMember]:
     try:
         fp.seek(0)
         archive = zipfile.ZipFile(fp)
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError, struct.error, NotImplementedError):
+    # RuntimeError: zipfile's refusal of a format version it does not implement.
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, struct.error, RuntimeError):
         raise _bad_archive() from None
     with archive:
         infos = archive.infolist()
@@ -256,7 +257,7 @@ def _read(
         return ZipMember(name, None, error)
     try:
         stream = archive.open(info)
-    except NotImplementedError:  # a zip feature Python cannot read (e.g. patched data)
+    except RuntimeError:  # a zip feature zipfile does not implement (e.g. patched data)
         return ZipMember(
             name,
             None,
