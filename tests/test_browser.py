@@ -22,7 +22,15 @@ from typing import Any
 
 import pytest
 from PIL import Image, ImageChops
-from playwright.sync_api import Browser, ConsoleMessage, FilePayload, Page, Request, sync_playwright
+from playwright.sync_api import (
+    Browser,
+    ConsoleMessage,
+    FileChooser,
+    FilePayload,
+    Page,
+    Request,
+    sync_playwright,
+)
 
 from tests.utils import DATA, REPO, Server, photo_bytes
 
@@ -414,6 +422,14 @@ def test_keyboard_alone_at_375_px(server: Server, open_tab: Callable[[int, int],
     key = server.new_key(1000, name="phone")
     tab = open_tab(375, 812)
     page = tab.page
+    # Listening before the page loads turns file-chooser interception on in the browser well
+    # before the key press that opens the chooser; turned on at the press, it can lose the race.
+    choosers: list[FileChooser] = []
+
+    def chosen(chooser: FileChooser) -> None:
+        choosers.append(chooser)
+
+    page.on("filechooser", chosen)
     page.goto(f"{server.url}/")
     no_sideways_scroll(page, 375)
 
@@ -423,9 +439,13 @@ def test_keyboard_alone_at_375_px(server: Server, open_tab: Callable[[int, int],
     wait_for(page, "() => document.querySelector('#key-status').classList.contains('ok')")
 
     tab_to(page, "#file-input")
-    with page.expect_file_chooser() as chooser:
-        page.keyboard.press("Space")
-    chooser.value.set_files(str(DATA / "car.jpg"))
+    page.keyboard.press("Space")
+    for _ in range(200):
+        if choosers:
+            break
+        page.wait_for_timeout(50)
+    assert len(choosers) == 1, "Space on the file input opened no file chooser"
+    choosers[0].set_files(str(DATA / "car.jpg"))
     page.wait_for_selector("#file-list li")
 
     tab_to(page, "input[name=operation][value=remove-background]")
