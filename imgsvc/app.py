@@ -83,7 +83,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await run_in_threadpool(db.migrate)
         app.state.db = db
         app.state.key_cache = KeyCache(db, settings.key_cache_seconds)
-        app.state.meter = Meter(db, hold_ttl=timedelta(seconds=settings.hold_ttl_seconds))
+        hold_ttl = timedelta(seconds=settings.hold_ttl_seconds)
+        app.state.meter = Meter(db, hold_ttl=hold_ttl)
+        # An idempotency claim lives as long as a hold: a call of a process that died frees
+        # its Idempotency-Key when its hold would be swept.
+        app.state.claims = idempotency.Claims(db, lease=hold_ttl)
         if settings.device == "cuda":
             # Asked for the GPU: create the CUDA sessions before serving, so a provider whose
             # libraries fail to load stops the start instead of running on the CPU unnoticed.
@@ -102,6 +106,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 task.cancel()
             await run_in_threadpool(app.state.jobs.close)
             app.state.meter.close()
+            app.state.claims.close()
             db.dispose()
 
     app = FastAPI(

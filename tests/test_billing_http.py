@@ -224,7 +224,8 @@ def test_no_secret_in_logs(billing_server: Server) -> None:
 def test_killed_process_leaves_no_credits_held(
     tmp_path: Path, repo_weights: Path, database_url: str
 ) -> None:
-    """SIGKILL between hold and capture: after the hold's expiry the credits are back."""
+    """SIGKILL between hold and capture: after the hold's expiry the credits are back, and the
+    call's Idempotency-Key is free again: its retry runs and is charged once."""
     weights = linked_weights(tmp_path / "weights", repo_weights, None)
     env = {
         "IMGSVC_DATABASE_URL": database_url,
@@ -239,9 +240,12 @@ def test_killed_process_leaves_no_credits_held(
     slow = io.BytesIO()
     Image.new("RGB", (160, 160), "white").save(slow, "PNG")
 
+    files = {"image": ("s.png", slow.getvalue(), "image/png")}
+    retry_key = {"Idempotency-Key": "killed-call-1"}
+
     def call() -> None:
         with first.client(key) as c, pytest.raises(httpx.TransportError):
-            c.post("/v1/upscale", files={"image": ("s.png", slow.getvalue(), "image/png")})
+            c.post("/v1/upscale", files=files, headers=retry_key)
 
     caller = threading.Thread(target=call)
     caller.start()
@@ -260,6 +264,19 @@ def test_killed_process_leaves_no_credits_held(
             assert time.monotonic() < deadline, "the dead call's hold was never released"
             time.sleep(0.2)
         assert keys.get_key(db, info.id).credits == 1000
+        assert metering.ledger_mismatches(db) == []
+        with second.client(key) as c:
+            deadline = time.monotonic() + 30
+            while (r := c.post("/v1/upscale", files=files, headers=retry_key)).status_code == 409:
+                assert r.json()["error"]["code"] == "idempotency_in_progress"
+                assert time.monotonic() < deadline, "the dead call's key was never freed"
+                time.sleep(0.5)
+            assert r.status_code == 200, r.text
+            charged = int(r.headers["X-Credits-Charged"])
+            replay = c.post("/v1/upscale", files=files, headers=retry_key)
+            assert replay.headers["Idempotent-Replayed"] == "true"
+            assert replay.content == r.content
+        assert keys.get_key(db, info.id).credits == 1000 - charged
         assert metering.ledger_mismatches(db) == []
     finally:
         stop_server(second)

@@ -30,6 +30,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from imgsvc.billing import metering
 from imgsvc.billing.combine import Combiner
 from imgsvc.billing.db import Database
+from imgsvc.billing.idempotency import Completion
 from imgsvc.billing.keys import KeyInfo
 from imgsvc.billing.limits import MAX_CREDITS
 from imgsvc.billing.metering import CaptureRequest, HoldRequest, UsageRecord
@@ -134,9 +135,14 @@ class Charge:
         self.request_id = request_id
         self.settled = False
 
-    def capture(self, *, credits: int, usage: UsageRecord) -> tuple[int, int]:
-        """Charge `credits` (at most the hold) and record the usage: (charged, remaining)."""
-        request = CaptureRequest(self.hold_id, credits, self.key, self.request_id, usage)
+    def capture(
+        self, *, credits: int, usage: UsageRecord, completion: Completion | None = None
+    ) -> tuple[int, int]:
+        """Charge `credits` (at most the hold) and record the usage: (charged, remaining).
+        With `completion`, its response is stored in the same transaction."""
+        request = CaptureRequest(
+            self.hold_id, credits, self.key, self.request_id, usage, completion
+        )
         charged, remaining = self._meter._capture(request)
         self._settle()
         return charged, remaining

@@ -29,6 +29,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from imgsvc.billing import idempotency
 from imgsvc.billing import statements as sql
 from imgsvc.billing.db import Database
 from imgsvc.billing.keys import KeyInfo, current_month
@@ -77,6 +78,8 @@ class CaptureRequest:
     key: KeyInfo
     request_id: str
     usage: UsageRecord
+    # The response stored for the call's Idempotency-Key, in the capture's transaction.
+    completion: idempotency.Completion | None = None
 
 
 # A hold as settling reads it: (id, account_id, key_id, amount, request_id, price_version,
@@ -373,16 +376,24 @@ def _release(conn: Connection, hold_id: int) -> bool:
 
 
 def capture(
-    db: Database, *, hold_id: int, credits: int, key: KeyInfo, request_id: str, usage: UsageRecord
+    db: Database,
+    *,
+    hold_id: int,
+    credits: int,
+    key: KeyInfo,
+    request_id: str,
+    usage: UsageRecord,
+    completion: idempotency.Completion | None = None,
 ) -> tuple[int, int]:
     """Charge `credits` (at most the hold) and record the usage; return (charged, remaining).
 
-    The unused part of the hold goes back in the same transaction. If the hold had expired and
-    was swept meanwhile, the charge is taken again only if the balance allows it (never
+    The unused part of the hold goes back in the same transaction, and so is the response of
+    `completion` stored (nothing is charged if it cannot be). If the hold had expired and was
+    swept meanwhile, the charge is taken again only if the balance allows it (never
     negative); otherwise the call is recorded as free.
     """
-    request = CaptureRequest(hold_id, credits, key, request_id, usage)
-    if db.dialect == "postgresql":
+    request = CaptureRequest(hold_id, credits, key, request_id, usage, completion)
+    if db.dialect == "postgresql" and completion is None:
         done = _pg_capture(db, [request])
         if hold_id in done:  # else the hold was settled already (swept): the general path
             return done[hold_id]
@@ -401,7 +412,10 @@ def _capture_one(conn: Connection, r: CaptureRequest) -> tuple[int, int]:
         usage=r.usage,
         job_item=None,
     )
-    return charged, _balance(conn, r.key.account_id)
+    remaining = _balance(conn, r.key.account_id)
+    if r.completion is not None:
+        idempotency.complete_in(conn, r.completion, charged, remaining)
+    return charged, remaining
 
 
 def capture_many(
@@ -410,14 +424,16 @@ def capture_many(
     """Several calls' captures at once. PostgreSQL: one statement; a capture it cannot do (its
     hold was swept), or all of them if it fails, is then done alone. SQLite: one transaction
     (one commit, one wait for the disk: SQLite has no group commit of its own), each capture
-    in a savepoint of its own. Every call gets its own outcome: (charged, remaining), or the
-    exception `capture` would raise for it."""
+    in a savepoint of its own. A capture that stores an idempotent response is done alone on
+    PostgreSQL. Every call gets its own outcome: (charged, remaining), or the exception
+    `capture` would raise for it."""
     if db.dialect == "sqlite":
         return _each_in_savepoint(db, requests, _capture_one, durable=True)
     done: dict[int, tuple[int, int]] = {}
-    if len(requests) > 1:
+    plain = [r for r in requests if r.completion is None]
+    if len(plain) > 1:
         try:
-            done = _pg_capture(db, requests)
+            done = _pg_capture(db, plain)
         except SQLAlchemyError:
             done = {}  # e.g. a request id captured twice: alone, only that call fails
     outcomes: list[tuple[int, int] | Exception] = []
@@ -434,6 +450,7 @@ def capture_many(
                     key=r.key,
                     request_id=r.request_id,
                     usage=r.usage,
+                    completion=r.completion,
                 )
             )
         except Exception as exc:  # noqa: BLE001 - handed to that call's caller

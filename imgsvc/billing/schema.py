@@ -135,7 +135,8 @@ class UsageEvent(Base):
 
 
 class IdempotencyRecord(Base):
-    """The first response to an `Idempotency-Key`, replayed to retries for 24 hours."""
+    """The first response to an `Idempotency-Key`, replayed to retries for 24 hours; while its
+    request runs, a lease until `expires_at`."""
 
     __tablename__ = "idempotency"
 
@@ -143,6 +144,8 @@ class IdempotencyRecord(Base):
     idem_key: Mapped[str] = mapped_column(String(255), primary_key=True)
     fingerprint: Mapped[str] = mapped_column(String(64))
     status: Mapped[str] = mapped_column(String(10))  # running | done
+    # The running request's claim: a request whose lease ran out cannot store over a later one.
+    claim: Mapped[str | None] = mapped_column(String(32), default=None)
     response_status: Mapped[int | None] = mapped_column(Integer, default=None)
     response_headers: Mapped[str | None] = mapped_column(Text, default=None)  # JSON
     response_body: Mapped[bytes | None] = mapped_column(LargeBinary, default=None)

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from imgsvc import metrics
 from imgsvc.billing.charge import Meter
+from imgsvc.billing.idempotency import Completion
 from imgsvc.billing.keys import KeyInfo
 from imgsvc.billing.metering import UsageRecord
 from imgsvc.errors import ServiceError
@@ -41,12 +43,14 @@ def execute(
     request_id: str,
     client_ref: str | None = None,
     cancelled: threading.Event | None = None,
+    completion: Callable[[Result], Completion] | None = None,
 ) -> Charged:
     """Charge at most `prepared.credits` for `prepared.run()`, only if it succeeds.
 
     Raises Busy (before any hold) when the operation's queue is full, InsufficientCredits when
     the account cannot pay, whatever the work raises (the hold is then released), and
-    Cancelled when `cancelled` is set before the capture.
+    Cancelled when `cancelled` is set before the capture. `completion(result)`, when given,
+    is the idempotent response stored in the capture's transaction.
     """
     with (
         admission.admit(prepared.operation) as ticket,
@@ -70,7 +74,8 @@ def execute(
             client_ref=client_ref,
         )
         credits = prepared.credits if result.credits is None else result.credits
-        charged, remaining = charge.capture(credits=credits, usage=usage)
+        stored = None if completion is None else completion(result)
+        charged, remaining = charge.capture(credits=credits, usage=usage, completion=stored)
         settlement.captured(charged)
     return Charged(result, charged, remaining)
 

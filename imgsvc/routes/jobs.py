@@ -142,32 +142,30 @@ async def _idempotent(
     that request's job again (`Idempotent-Replayed: true`) without creating or holding more."""
     db = request.app.state.db
     idem_key = request.headers.get("idempotency-key")
+    claim: idempotency.Claim | None = None
     if idem_key is not None:
         fingerprint = await request_fingerprint(request)
-        replay = await run_in_threadpool(
+        # Held for the whole retention: a job stored without its answer (the process died in
+        # between) is never created twice by a retry.
+        claimed = await run_in_threadpool(
             lambda: idempotency.begin(db, key_id=key.id, idem_key=idem_key, fingerprint=fingerprint)
         )
-        if replay is not None:
-            headers = {**replay.headers, "Idempotent-Replayed": "true"}
-            return Response(replay.body, replay.status, headers, replay.media_type)
+        if isinstance(claimed, StoredResponse):
+            headers = {**claimed.headers, "Idempotent-Replayed": "true"}
+            return Response(claimed.body, claimed.status, headers, claimed.media_type)
+        claim = claimed
     # Once started, the job is stored and its key completed even if the client hangs up: a
     # retry with the same key then gets this job, never a second one.
     with anyio.CancelScope(shield=True):
         try:
             stored = await create()
         except BaseException:
-            if idem_key is not None:  # refused: the client may retry with the same key
-                await run_in_threadpool(
-                    lambda: idempotency.abort(db, key_id=key.id, idem_key=idem_key)
-                )
+            if claim is not None:  # refused: the client may retry with the same key
+                await run_in_threadpool(idempotency.abort, db, claim)
             raise
-        if idem_key is not None:
+        if claim is not None:
             try:
-                await run_in_threadpool(
-                    lambda: idempotency.complete(
-                        db, key_id=key.id, idem_key=idem_key, response=stored
-                    )
-                )
+                await run_in_threadpool(idempotency.complete, db, claim, stored)
             except SQLAlchemyError:
                 log.exception("job idempotency record not stored")
     return Response(stored.body, stored.status, stored.headers, stored.media_type)

@@ -19,12 +19,10 @@ import anyio
 import anyio.to_thread
 from fastapi import Query, Request, Response, UploadFile
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 
-from imgsvc.billing import idempotency
 from imgsvc.billing.charge import RequestIdTaken
-from imgsvc.billing.idempotency import StoredResponse
+from imgsvc.billing.idempotency import Claim, Claims, Completion, StoredResponse
 from imgsvc.billing.keys import KeyInfo
 from imgsvc.errors import PayloadTooLarge
 from imgsvc.images import MEDIA_TYPES
@@ -105,28 +103,30 @@ async def metered_call(
     if getattr(request.state, "dry_run", False):
         return _quote(prepared)
     idem_key = request.headers.get("idempotency-key")
+    claim = None
     if idem_key is not None:
-        replay = await _claim(request, key, idem_key)
-        if replay is not None:
-            headers = {**replay.headers, "Idempotent-Replayed": "true"}
-            return Response(replay.body, replay.status, headers, replay.media_type)
-    done = await ChargedCall(request, key, prepared, respond or Respond(), idem_key).run()
+        claimed = await _claim(request, key, idem_key)
+        if isinstance(claimed, StoredResponse):
+            headers = {**claimed.headers, "Idempotent-Replayed": "true"}
+            return Response(claimed.body, claimed.status, headers, claimed.media_type)
+        claim = claimed
+    done = await ChargedCall(request, key, prepared, respond or Respond(), claim).run()
     return Response(done.body, done.status, done.headers, done.media_type)
 
 
-async def _claim(request: Request, key: KeyInfo, idem_key: str) -> StoredResponse | None:
+async def _claim(request: Request, key: KeyInfo, idem_key: str) -> Claim | StoredResponse:
     """Claim the Idempotency-Key for this request, or the stored response to replay."""
-    db = request.app.state.db
+    claims: Claims = request.app.state.claims
     fingerprint = await request_fingerprint(request)
     return await run_in_threadpool(
-        lambda: idempotency.begin(db, key_id=key.id, idem_key=idem_key, fingerprint=fingerprint)
+        lambda: claims.begin(key_id=key.id, idem_key=idem_key, fingerprint=fingerprint)
     )
 
 
 class ChargedCall:
     """`operations.execute` in a worker thread that owns the outcome once it has started: if
     the caller goes away, the hold is released (Cancelled); once charged, the response is
-    stored for idempotent replays, whoever is still waiting for it."""
+    stored for idempotent replays (in the capture's transaction), whoever is still waiting."""
 
     def __init__(
         self,
@@ -134,17 +134,18 @@ class ChargedCall:
         key: KeyInfo,
         prepared: Prepared,
         respond: Respond,
-        idem_key: str | None,
+        claim: Claim | None,
     ) -> None:
         self._request = request
         self._state = request.app.state
         self._request_state = request.state
-        self._key, self._prepared, self._respond, self._idem_key = key, prepared, respond, idem_key
+        self._key, self._prepared, self._respond, self._idem = key, prepared, respond, claim
         self._cancelled, self._started, self._claim = (
             threading.Event(),
             threading.Event(),
             threading.Lock(),
         )
+        self._stored: StoredResponse | None = None
 
     async def run(self) -> StoredResponse:
         watcher = asyncio.create_task(self._watch())
@@ -179,7 +180,26 @@ class ChargedCall:
             request_id=self._request_state.request_id,
             client_ref=self._request_state.client_ref,
             cancelled=self._cancelled,
+            completion=None if self._idem is None else self._completion,
         )
+
+    def _completion(self, result: Result) -> Completion:
+        """The response to store with the charge: rendered now, outside its transaction,
+        but for the credit headers, which the capture fills in."""
+        assert self._idem is not None
+        body, media_type = (result.body, result.media_type)
+        if self._respond.render is not None:
+            body, media_type = self._respond.render(result)
+        rate = getattr(self._request_state, "extra_headers", {})
+
+        def render(charged: int, remaining: int) -> StoredResponse:
+            outcome = Charged(result, charged, remaining)
+            self._stored = StoredResponse(
+                200, _headers(outcome, self._respond, rate), body, media_type
+            )
+            return self._stored
+
+        return Completion(self._idem, render)
 
     def _in_thread(self) -> StoredResponse:
         with self._claim:
@@ -200,21 +220,15 @@ class ChargedCall:
         except BaseException:
             self._abort()
             raise
-        response = _response(outcome, self._respond, getattr(request_state, "extra_headers", {}))
-        if self._idem_key is not None:
-            try:
-                idempotency.complete(
-                    state.db, key_id=self._key.id, idem_key=self._idem_key, response=response
-                )
-            except SQLAlchemyError:
-                log.exception(
-                    "request %s: idempotent response not stored", request_state.request_id
-                )
-        return response
+        if self._idem is not None:
+            state.claims.done(self._idem)
+        if self._stored is not None:
+            return self._stored
+        return _response(outcome, self._respond, getattr(request_state, "extra_headers", {}))
 
     def _abort(self) -> None:
-        if self._idem_key is not None:
-            idempotency.abort(self._state.db, key_id=self._key.id, idem_key=self._idem_key)
+        if self._idem is not None:
+            self._state.claims.abort(self._idem)
 
 
 def _quote(prepared: Prepared) -> Response:
@@ -231,7 +245,15 @@ def _quote(prepared: Prepared) -> Response:
 
 def _response(outcome: Charged, respond: Respond, rate: dict[str, str]) -> StoredResponse:
     result = outcome.result
-    headers = {
+    body, media_type = (result.body, result.media_type)
+    if respond.render is not None:
+        body, media_type = respond.render(result)
+    return StoredResponse(200, _headers(outcome, respond, rate), body, media_type)
+
+
+def _headers(outcome: Charged, respond: Respond, rate: dict[str, str]) -> dict[str, str]:
+    result = outcome.result
+    return {
         "X-Credits-Charged": str(outcome.charged),
         "X-Credits-Remaining": str(outcome.remaining),
         "X-Model": result.model,
@@ -240,10 +262,6 @@ def _response(outcome: Charged, respond: Respond, rate: dict[str, str]) -> Store
         **result_headers(result, respond.headers or {}),
         **rate,
     }
-    body, media_type = (result.body, result.media_type)
-    if respond.render is not None:
-        body, media_type = respond.render(result)
-    return StoredResponse(200, headers, body, media_type)
 
 
 def result_headers(result: Result, extra: dict[str, str]) -> dict[str, str]:
