@@ -91,7 +91,11 @@ class Settings(BaseSettings):
         le=5,
     )
     hold_ttl_seconds: int = setting(
-        120, "billing", "a call's credit hold expires this long after its last heartbeat", ge=2
+        120,
+        "billing",
+        "a call's credit hold and its Idempotency-Key claim expire this long after their "
+        "last heartbeat",
+        ge=2,
     )
     sweep_interval_seconds: float = setting(
         30, "billing", "how often expired holds are released", gt=0
