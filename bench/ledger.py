@@ -35,7 +35,6 @@ import asyncio
 import io
 import json
 import os
-import secrets
 import statistics
 import subprocess
 import sys
@@ -50,10 +49,12 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-PG_ADMIN = os.environ.get(
-    "IMGSVC_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
-REDIS = os.environ.get("IMGSVC_BENCH_REDIS", "redis://127.0.0.1:6379/0")
+# Appended, not prepended: a worker of another commit's code (`--baseline`, on PYTHONPATH)
+# still imports that `imgsvc`.
+sys.path.append(str(REPO))
+
+from bench.scratch import PG_ADMIN, REDIS, database  # noqa: E402
+
 PRICE = 10  # credits per call (the erase price; in-process calls charge the same)
 GRANT = 10**9
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -152,27 +153,6 @@ class PostgresWork:
 
 
 # --- databases -------------------------------------------------------------------------------
-
-
-@contextmanager
-def database(kind: str) -> Iterator[str]:
-    """A fresh, empty database URL of `kind` (sqlite | postgresql), gone afterwards."""
-    if kind == "sqlite":
-        with tempfile.TemporaryDirectory() as tmp:
-            yield f"sqlite:///{tmp}/ledger.db"
-        return
-    from sqlalchemy import create_engine, text
-
-    name = f"imgsvc_bench_{secrets.token_hex(4)}"
-    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield PG_ADMIN.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 @contextmanager
@@ -330,7 +310,7 @@ def run_inproc(
     tree: Path, label: str, kind: str, clients: int, seconds: float, accounts: str
 ) -> Run:
     run = Run("inproc", kind, label, accounts, clients)
-    with database(kind) as url:
+    with tempfile.TemporaryDirectory() as tmp, database(kind, Path(tmp), "imgsvc_bench") as url:
         out = subprocess.run(
             [
                 sys.executable,
@@ -416,7 +396,7 @@ def run_http(tree: Path, label: str, kind: str, clients: int, seconds: float) ->
     from tests.utils import start_server, stop_server
 
     run = Run("http", kind, label, "each", clients)
-    with database(kind) as url, tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, database(kind, Path(tmp), "imgsvc_bench") as url:
         env = {
             "PYTHONPATH": str(tree),
             "IMGSVC_DATABASE_URL": url,

@@ -41,14 +41,12 @@ import io
 import json
 import os
 import random
-import secrets
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,12 +58,9 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.scratch import REDIS, database  # noqa: E402
 from tests.utils import Server, linked_weights, start_server, stop_server  # noqa: E402
 
-PG_ADMIN = os.environ.get(
-    "IMGSVC_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
-REDIS = os.environ.get("IMGSVC_BENCH_REDIS", "redis://127.0.0.1:6379/0")
 PHOTOS = [
     REPO / "tests" / "data" / "car.jpg",
     REPO / "tests" / "data" / "cloth.jpg",
@@ -332,25 +327,6 @@ async def limited_client(url: str, secret: str, item: Input, stop_at: float, tal
 # --- one run on one database -----------------------------------------------------------------
 
 
-@contextmanager
-def database(kind: str, tmp: Path) -> Iterator[str]:
-    if kind == "sqlite":
-        yield f"sqlite:///{tmp / 'load.db'}"
-        return
-    from sqlalchemy import create_engine, text
-
-    name = f"imgsvc_load_{secrets.token_hex(4)}"
-    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield PG_ADMIN.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-
 def rss_kib(pid: int) -> dict[str, int]:
     fields = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -473,7 +449,10 @@ def run(kind: str, clients: int, seconds: float) -> Report:
     all_inputs = [inputs_for(i) for i in range(clients + 1)]  # the last: spenders, limited
     shared = all_inputs[-1]["remove-background"][0]
     grants: dict[str, int] = {}
-    with tempfile.TemporaryDirectory() as tmp_name, database(kind, Path(tmp_name)) as url:
+    with (
+        tempfile.TemporaryDirectory() as tmp_name,
+        database(kind, Path(tmp_name), "imgsvc_load") as url,
+    ):
         tmp = Path(tmp_name)
         env = {
             "IMGSVC_DATABASE_URL": url,
