@@ -187,9 +187,7 @@ class ChargedCall:
         """The response to store with the charge: rendered now, outside its transaction,
         but for the credit headers, which the capture fills in."""
         assert self._idem is not None
-        body, media_type = (result.body, result.media_type)
-        if self._respond.render is not None:
-            body, media_type = self._respond.render(result)
+        body, media_type = _body(result, self._respond)
         rate = getattr(self._request_state, "extra_headers", {})
 
         def render(charged: int, remaining: int) -> StoredResponse:
@@ -244,11 +242,14 @@ def _quote(prepared: Prepared) -> Response:
 
 
 def _response(outcome: Charged, respond: Respond, rate: dict[str, str]) -> StoredResponse:
-    result = outcome.result
-    body, media_type = (result.body, result.media_type)
-    if respond.render is not None:
-        body, media_type = respond.render(result)
+    body, media_type = _body(outcome.result, respond)
     return StoredResponse(200, _headers(outcome, respond, rate), body, media_type)
+
+
+def _body(result: Result, respond: Respond) -> tuple[bytes, str]:
+    return (
+        respond.render(result) if respond.render is not None else (result.body, result.media_type)
+    )
 
 
 def _headers(outcome: Charged, respond: Respond, rate: dict[str, str]) -> dict[str, str]:
